@@ -1,0 +1,286 @@
+"""Configuration: nested dataclasses, YAML files and dotted command-line overrides.
+
+Every value has one home here, with its default and where the default comes from.
+`load_config("configs/align.yaml", ["train.lr=1e-3"])` reads a YAML file, applies overrides
+and returns a `Config`; unknown keys and values of the wrong type raise `ConfigError`
+naming the key and listing the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class VisionConfig:
+    # Registry id of the tower (see models/vision.py): "efficientnet-lite0" (packaged
+    # ImageNet weights), "timm" (any timm model by `name`), "hf" (HF CLIP/SigLIP vision
+    # model from a local dir or hub id in `name`), "tiny" (random, for tests).
+    tower: str = "efficientnet-lite0"
+    name: str = ""
+    pretrained: bool = True
+    # HF towers: hidden layer whose patch features are used; -2 as in LLaVA-1.5.
+    feature_layer: int = -2
+    # Input resolution; 224 is EfficientNet-Lite0's and CLIP ViT-B's training size.
+    image_size: int = 224
+    # Frozen by default, as in every alignment stage of the three papers.
+    frozen: bool = True
+
+
+@dataclass
+class ProjectorConfig:
+    # "linear", "mlp2x_gelu" (LLaVA-1.5) or "pooled" (adaptive average pool to a k x k
+    # grid, then mlp2x_gelu).
+    type: str = "pooled"
+    # pooled: k. 7x7 -> 3x3 cut a SmolLM2 step from ~4.4 s to ~1.3 s here (FINDINGS.md).
+    pool_size: int = 3
+
+
+@dataclass
+class LLMConfig:
+    # Registry id of a packaged model ("smollm2-135m", "tiny"), a local directory, or a
+    # hub id.
+    name: str = "smollm2-135m"
+    # A GGUF file inside `name` when it is a directory that holds one.
+    gguf_file: str = ""
+    # Executing model code from a checkpoint is off unless the user asks for it.
+    trust_remote_code: bool = False
+    # Frozen in the alignment stage (LLaVA stage 1, CG-VLM, Ak et al.).
+    frozen: bool = True
+
+
+@dataclass
+class EmbeddingConfig:
+    # E5-V style prompts (Ak et al., VladVA). "<image>" marks where visual tokens go,
+    # "<sent>" where the text goes.
+    image_prompt: str = "<image>\nSummarize above image in one word:"
+    text_prompt: str = "<sent>\nSummarize above sentence in one word:"
+    # Wrap prompts in the tokenizer's chat template (user turn + generation prompt).
+    chat_template: bool = True
+    # Subtract a mean last-token state (estimated on training captions, saved with the
+    # checkpoint) before normalising. SmolLM2's raw states are nearly collinear (mean
+    # cosine ~0.99); centring made the CLIP loss learn in 90 steps (FINDINGS.md).
+    centre: bool = False
+    # How many training captions estimate the mean state.
+    centre_samples: int = 512
+
+
+@dataclass
+class ObjectiveConfig:
+    # Next-token loss on caption tokens (LLaVA stage 1).
+    ntp_weight: float = 1.0
+    # Global contrastive loss on prompted embeddings: "none", "clip" or "siglip".
+    contrastive: str = "none"
+    contrastive_weight: float = 1.0
+    # CLIP: learnable logit scale, init 1/0.07 and clamped at 100 (Radford et al.).
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+    # SigLIP: logit scale init 10 and bias init -10 (Zhai et al.).
+    siglip_init_logit_scale: float = 10.0
+    siglip_init_bias: float = -10.0
+    # CG-VLM patch-token contrastive loss. The paper does not publish these; our choice:
+    # weight 1, a 3x3 pooled grid, tau 0.05 (tau 0.1 stayed at chance here, FINDINGS.md).
+    patch_weight: float = 0.0
+    patch_pool: int = 3
+    patch_tau: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    # Folder of a dataset in the shapes layout: train.jsonl, val.jsonl, test.jsonl,
+    # sugarcrepe_test.json, images/. Generated when missing and `generate_shapes` is on.
+    root: str = "data/shapes"
+    generate_shapes: bool = True
+    shapes_n: int = 1280
+    shapes_seed: int = 0
+    # Explicit files override the layout above (paths relative to `root` or absolute).
+    train_file: str = ""
+    eval_file: str = ""
+    compositional_file: str = ""
+    # Which caption field trains the caption losses.
+    caption_field: str = "caption"
+    # Caption tokens kept (after the image tokens); longer captions are truncated and
+    # counted.
+    max_caption_tokens: int = 64
+    # Evaluate on at most this many pairs (0: all).
+    eval_max_samples: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/align"
+    max_steps: int = 90
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    # lr 1e-3 as LLaVA stage 1 uses for the projector; warmup because lr 1e-3 without it
+    # was unstable here (FINDINGS.md).
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    # Save a checkpoint every N steps (0: only at the end).
+    save_every: int = 0
+    # Precompute frozen vision features once instead of every step.
+    cache_vision_features: bool = True
+    # Precompute text embeddings when nothing on the text path trains.
+    cache_text_embeddings: bool = True
+    # "no" (fp32) on CPU; "bf16" on GPUs that support it.
+    mixed_precision: str = "no"
+    # Evaluate on the held-out split after training.
+    eval_at_end: bool = True
+
+
+@dataclass
+class Config:
+    recipe: str = "align"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (`.yaml`) or JSON (any other suffix)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a CLI string) to the annotated type `typ`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(typ)[:1] or (str,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(typ, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    return value
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass `obj` from `data`, recursing into nested dataclasses."""
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {dotted!r}; known keys here: {', '.join(sorted(known))}"
+            )
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of {sorted(f.name for f in fields(current))}")
+            _update(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-3", "recipe=align"] into a nested dict (values stay strings)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-3)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _update(cfg, data)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        try:
+            _update(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        _update(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A deep copy of `cfg` with dotted overrides applied."""
+    new = config_from_dict(dataclasses.asdict(cfg))
+    _update(new, parse_overrides(overrides))
+    return new
