@@ -1,0 +1,265 @@
+"""The training objectives of vlmalign, as plain functions of tensors.
+
+Each loss states its formula and its paper, does its own shift or normalisation contract,
+and returns a dict of named parts (``{"clip_loss": ...}``); `objective.py` weights and sums
+them. Cross-rank negatives come from one helper, `gather_with_grad`.
+
+[Contract] Distributed losses assume every rank holds the same local batch size B (as
+``all_gather`` requires) and follow open_clip's ``--gather-with-grad --local-loss``: each
+rank scores its local rows against the gathered global batch, labels offset by
+``rank * B``. Averaging the per-rank losses (as DDP averages gradients) then equals the
+1-process loss on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+# Floor on vector norms before dividing; large enough to stay non-zero in fp16.
+_EPS = 1e-6
+
+
+def _world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather ``x`` [B, ...] from every rank, keeping autograd, concatenated on dim 0.
+
+    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients
+    of each rank's slice back onto its owner (open_clip's ``gather_with_grad``). Returns
+    [world * B, ...], rank r's rows at ``r * B : (r + 1) * B``. Identity when
+    torch.distributed is not initialised or the world size is 1.
+    """
+    world, _ = _world_and_rank()
+    if world == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)  # [world * B, ...]
+
+
+def _targets(batch: int, gather: bool, device: torch.device) -> Tensor:
+    """Column of each local row's positive: arange(B) + rank * B when gathering. [B]"""
+    rank = _world_and_rank()[1] if gather else 0
+    return torch.arange(batch, device=device) + rank * batch
+
+
+def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{names} must both be [B, D] with the same shape (row i of one paired with row i "
+            f"of the other); got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+
+
+def next_token_loss(
+    hidden: Tensor,
+    labels: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None = None,
+    logit_softcap: float | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """Causal next-token cross-entropy, with the LM head applied only where a label exists.
+
+    loss = mean over {(b, t) : labels[b, t + 1] != ignore_index} of
+    -log softmax(z_bt)[labels[b, t + 1]], with z = hidden[b, t] @ W^T + bias and, when
+    ``logit_softcap`` is set, z = cap * tanh(z / cap) (Gemma's final-logit softcapping).
+    This is the generative loss of LLaVA stage 1/2 (Liu et al. 2023) with HF's convention:
+    ``labels`` [B, T] are aligned with the inputs and this function shifts them, so
+    ``hidden[:, t]`` predicts ``labels[:, t + 1]``. Equal to HF's full-vocabulary loss, but
+    the [N, V] logits are computed for the N label positions only (the head dominates the
+    cost of small LLMs with large vocabularies).
+
+    hidden [B, T, D] final hidden states; head_weight [V, D]; head_bias [V] or None.
+    Returns {"ntp_loss": scalar, "ntp_tokens": long scalar N}. With N == 0 the loss is an
+    exact 0.0 that stays connected to ``hidden`` and ``head_weight`` (zero gradients).
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"next_token_loss expects hidden [B, T, D] and labels [B, T] aligned with the "
+            f"inputs (unshifted); got hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}."
+        )
+    if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"head_weight must be [V, D] with D = {hidden.shape[2]} (the LM head's weight, "
+            f"e.g. model.get_output_embeddings().weight); got {tuple(head_weight.shape)}."
+        )
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    keep = shift_labels != ignore_index  # [B, T-1]
+    h = hidden[:, :-1][keep]  # [N, D]
+    targets = shift_labels[keep]  # [N]
+    logits = F.linear(h, head_weight, head_bias)  # [N, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax over a large vocabulary in fp32, as HF does
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    n_tokens = keep.sum()
+    # Sum / max(N, 1): exact mean when N > 0, and an exact, graph-connected 0 when N == 0
+    # (a mean over zero rows would be NaN). Avoids a device sync on N.
+    loss = F.cross_entropy(logits, targets, reduction="sum") / n_tokens.clamp(min=1)
+    return {"ntp_loss": loss, "ntp_tokens": n_tokens}
+
+
+def clip_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, gather: bool = False
+) -> dict[str, Tensor]:
+    """CLIP / InfoNCE loss (Radford et al. 2021, "Learning Transferable Visual Models From
+    Natural Language Supervision").
+
+    L = 1/2 [CE(s * X Y^T, I) + CE(s * Y X^T, I)] over the B x B logits of image rows X and
+    text rows Y, positives on the diagonal. ``image_emb`` and ``text_emb`` are [B, D] and
+    must already be L2-normalised (this function does not normalise); ``logit_scale`` is
+    the scale s itself (the caller exponentiates and clamps its learnable log-scale).
+
+    With ``gather=True`` in a distributed world > 1: local rows against all gathered
+    columns ([B, world * B] logits), positives at column ``rank * B + i`` (open_clip's
+    ``gather_with_grad`` + ``local_loss``). Returns {"clip_loss": scalar}.
+    """
+    _check_pair(image_emb, text_emb, "clip_loss: image_emb and text_emb")
+    all_img = gather_with_grad(image_emb) if gather else image_emb  # [W*B, D]
+    all_txt = gather_with_grad(text_emb) if gather else text_emb  # [W*B, D]
+    targets = _targets(image_emb.shape[0], gather, image_emb.device)
+    logits_per_image = logit_scale * image_emb @ all_txt.T  # [B, W*B]
+    logits_per_text = logit_scale * text_emb @ all_img.T  # [B, W*B]
+    loss = (
+        F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)
+    ) / 2
+    return {"clip_loss": loss}
+
+
+def siglip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    gather: bool = False,
+) -> dict[str, Tensor]:
+    """SigLIP pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
+    Pre-Training").
+
+    L = -1/B * sum_ij log sigmoid(z_ij * (s * <x_i, y_j> + b)), z_ij = +1 for the matching
+    pair (i == j) and -1 otherwise. ``image_emb`` x and ``text_emb`` y are [B, D], already
+    L2-normalised; s = ``logit_scale`` (the scale itself), b = ``logit_bias``. Equals
+    open_clip's ``SigLipLoss``.
+
+    With ``gather=True`` in a distributed world > 1: local images against all gathered texts
+    (j over world * B), positives at ``rank * B + i``, still divided by the local B (the sum
+    that open_clip's neighbour exchange accumulates). Returns {"siglip_loss": scalar}.
+    """
+    _check_pair(image_emb, text_emb, "siglip_loss: image_emb and text_emb")
+    batch = image_emb.shape[0]
+    all_txt = gather_with_grad(text_emb) if gather else text_emb  # [W*B, D]
+    targets = _targets(batch, gather, image_emb.device)
+    logits = logit_scale * image_emb @ all_txt.T + logit_bias  # [B, W*B]
+    signs = -torch.ones_like(logits)  # [B, W*B]
+    signs[torch.arange(batch, device=logits.device), targets] = 1.0
+    loss = -F.logsigmoid(signs * logits).sum() / batch
+    return {"siglip_loss": loss}
+
+
+def pool_visual_tokens(visual: Tensor, grid: tuple[int, int], k: int) -> Tensor:
+    """Adaptive-average-pool visual tokens from an h x w grid to k x k.
+
+    ``visual`` [B, h*w, D] holds tokens row-major on the grid (token r*w + c at row r,
+    column c); returns [B, k*k, D], row-major on the k x k grid. CG-VLM (Liu et al. 2023)
+    pools the patch features before matching them to text tokens. Returns the input
+    unchanged when h*w == k*k.
+    """
+    h, w = grid
+    if visual.dim() != 3 or visual.shape[1] != h * w:
+        raise ValueError(
+            f"pool_visual_tokens: visual must be [B, h*w, D] with h*w = {h}*{w} = {h * w} "
+            f"tokens; got {tuple(visual.shape)}. Pass the vision tower's patch grid (drop CLS)."
+        )
+    if h * w == k * k:
+        return visual
+    if not 1 <= k <= min(h, w):
+        raise ValueError(
+            f"pool_visual_tokens: k = {k} must be between 1 and min(h, w) = {min(h, w)} for a "
+            f"{h} x {w} grid; choose a smaller pool size."
+        )
+    b, _, d = visual.shape
+    x = visual.reshape(b, h, w, d).permute(0, 3, 1, 2)  # [B, D, h, w]
+    x = F.adaptive_avg_pool2d(x, k)  # [B, D, k, k]
+    return x.flatten(2).transpose(1, 2)  # [B, k*k, D]
+
+
+def _mean_unit_visual(visual: Tensor) -> Tensor:
+    """mean_q v_q / |v_q|: [B, Q, D] -> [B, D]."""
+    return F.normalize(visual, dim=-1, eps=_EPS).mean(dim=1)  # [B, D]
+
+
+def _mean_unit_text(text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    """mean over valid t of e_t / |e_t|: [B, T, D], mask [B, T] -> [B, D] (zeros if no token)."""
+    mask = text_mask.to(text_tokens.dtype).unsqueeze(-1)  # [B, T, 1]
+    unit = F.normalize(text_tokens, dim=-1, eps=_EPS) * mask  # [B, T, D]
+    return unit.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B, D]
+
+
+def _check_patch_inputs(visual: Tensor, text_tokens: Tensor, text_mask: Tensor) -> None:
+    if visual.dim() != 3 or text_tokens.dim() != 3 or visual.shape[2] != text_tokens.shape[2]:
+        raise ValueError(
+            f"patch-token loss expects visual [B, Q, D] and text_tokens [B, T, D] with the same "
+            f"D; got {tuple(visual.shape)} and {tuple(text_tokens.shape)}."
+        )
+    if text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"text_mask must be [B, T] = {tuple(text_tokens.shape[:2])} (1 = real token, "
+            f"0 = padding), e.g. the tokenizer's attention_mask; got {tuple(text_mask.shape)}."
+        )
+
+
+def patch_token_similarity(visual: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    """CG-VLM patch-token similarity (Liu et al. 2023, "Contrastive Vision-Language Alignment
+    Makes Efficient Instruction Learner", arXiv 2311.17945).
+
+    s(i, j) = mean over q in Q, t in the valid tokens of text j of cos(v_iq, e_jt), computed
+    through mean_{q,t} cos(v_q, e_t) = <mean_q v_q/|v_q|, mean_t e_t/|e_t|>, so the whole
+    batch is one [B, D] x [D, B] matmul. ``visual`` [B, Q, D] (projector outputs, pooled),
+    ``text_tokens`` [B, T, D] (the caption's input embeddings), ``text_mask`` [B, T]
+    (1 = real token, 0 = padding). A text with no valid token scores 0 against every image.
+    Returns [B_img, B_txt].
+    """
+    _check_patch_inputs(visual, text_tokens, text_mask)
+    v = _mean_unit_visual(visual)  # [B, D]
+    e = _mean_unit_text(text_tokens, text_mask)  # [B, D]
+    return v @ e.T  # [B_img, B_txt]
+
+
+def patch_token_contrastive_loss(
+    visual: Tensor, text_tokens: Tensor, text_mask: Tensor, tau: float, gather: bool = False
+) -> dict[str, Tensor]:
+    """CG-VLM patch-token contrastive loss (Liu et al. 2023, arXiv 2311.17945).
+
+    L = 1/2 [CE(S / tau, I) + CE(S^T / tau, I)] with S = ``patch_token_similarity`` over the
+    batch, positives on the diagonal. Shapes as in ``patch_token_similarity``; ``tau`` is a
+    fixed temperature (the paper does not publish one).
+
+    With ``gather=True`` in a distributed world > 1: the per-sample vectors
+    (mean_q v/|v| and mean_t e/|e|, [B, D]) are all-gathered with grad, each rank scores its
+    local rows against the gathered columns, positives at ``rank * B + i``.
+    Returns {"patch_loss": scalar}.
+    """
+    _check_patch_inputs(visual, text_tokens, text_mask)
+    if visual.shape[0] != text_tokens.shape[0]:
+        raise ValueError(
+            f"patch_token_contrastive_loss pairs image i with text i: batch sizes differ "
+            f"({visual.shape[0]} images, {text_tokens.shape[0]} texts)."
+        )
+    v = _mean_unit_visual(visual)  # [B, D]
+    e = _mean_unit_text(text_tokens, text_mask)  # [B, D]
+    all_v = gather_with_grad(v) if gather else v  # [W*B, D]
+    all_e = gather_with_grad(e) if gather else e  # [W*B, D]
+    targets = _targets(v.shape[0], gather, v.device)
+    loss = (
+        F.cross_entropy(v @ all_e.T / tau, targets) + F.cross_entropy(e @ all_v.T / tau, targets)
+    ) / 2
+    return {"patch_loss": loss}

