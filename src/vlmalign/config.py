@@ -70,9 +70,10 @@ class EmbeddingConfig:
     # Wrap prompts in the tokenizer's chat template (user turn + generation prompt).
     chat_template: bool = True
     # Subtract a mean last-token state (estimated on training captions, saved with the
-    # checkpoint) before normalising. SmolLM2's raw states are nearly collinear (mean
-    # cosine ~0.99); centring made the CLIP loss learn in 90 steps (FINDINGS.md).
-    centre: bool = False
+    # checkpoint) before normalising; part of the embedding definition for training and
+    # evaluation alike. On by default: SmolLM2's raw states are nearly collinear (mean
+    # cosine ~0.99) and centring made the CLIP loss learn in 90 steps (FINDINGS.md).
+    centre: bool = True
     # How many training captions estimate the mean state.
     centre_samples: int = 512
 

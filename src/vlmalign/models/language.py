@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -66,12 +67,15 @@ def _load_gguf_cached(name: str, gguf_path: Path) -> tuple[PreTrainedModel, PreT
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
-        # The GGUF quantisation entry would make the saved config ask for a GGUF file.
+        # The weights are plain fp32 now; drop the GGUF entry so the saved config loads as
+        # an ordinary checkpoint (transformers refuses to save_pretrained a GGUF model).
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = target.with_name(target.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf_path))
         if target.exists():

@@ -69,6 +69,7 @@ class TrainResult:
     checkpoint: Path
     history: list[dict]
     wall_time_s: float
+    model: VLM
     objective: Objective
 
 
@@ -182,7 +183,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
             micro += 1
             for k, v in parts.items():
                 if k != "ntp_tokens":
-                    running[k] = running.get(k, 0.0) + float(v)
+                    running[k] = running.get(k, 0.0) + float(v.detach())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -212,4 +213,4 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     with open(out_dir / "history.jsonl", "w") as f:
         for entry in history:
             f.write(json.dumps(entry) + "\n")
-    return TrainResult(final, history, time.perf_counter() - t0, objective)
+    return TrainResult(final, history, time.perf_counter() - t0, model, objective)
