@@ -80,3 +80,17 @@ def test_generate_returns_one_string_per_image(tiny_model):
     feats = torch.randn(2, m.vision.num_patches, m.vision.hidden_size)
     out = m.generate(features=feats, max_new_tokens=4)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_prompt_prefix_cache_is_exact(tiny_model):
+    """States computed with the cached prompt prefix equal a full pass over the prompt."""
+    m = tiny_model
+    assert len(m._image_prefix.ids) > 0 and len(m._text_prefix.ids) > 0
+    texts = ["a red circle", "a large blue square left of a small green star"]
+    fast = m.text_states(texts)
+    visual = torch.randn(2, m.num_visual_tokens, m.hidden_size)
+    fast_img = m.image_states(visual)
+    m.llm.get_input_embeddings().weight.requires_grad_(True)  # not frozen: no prefix cache
+    slow = m.text_states(texts)
+    slow_img = m.image_states(visual)
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(fast_img, slow_img, atol=1e-5)

