@@ -135,6 +135,9 @@ class TrainConfig:
     log_every: int = 10
     # Save a checkpoint every N steps (0: only at the end).
     save_every: int = 0
+    # Batch captions of similar length together (less padding; transformers'
+    # group_by_length). Shuffling stays random across batches.
+    group_by_length: bool = True
     # Precompute frozen vision features once instead of every step.
     cache_vision_features: bool = True
     # Precompute text embeddings when nothing on the text path trains.

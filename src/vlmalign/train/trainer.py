@@ -26,6 +26,7 @@ from vlmalign import cache
 from vlmalign.config import Config
 from vlmalign.data.collate import CaptionCollator, CaptionDataset
 from vlmalign.data.sample import LoadReport, Sample
+from vlmalign.data.sampler import LengthGroupedBatchSampler
 from vlmalign.data.splits import train_samples
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
@@ -140,14 +141,20 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     collator = CaptionCollator(
         model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= tc.batch_size,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(tc.seed),
-    )
+    if tc.group_by_length:
+        lengths = [len(collator.caption_ids(s.caption)) for s in data.samples]
+        collator.truncated = 0
+        batches = LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=tc.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) >= tc.batch_size,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(tc.seed),
+        )
     step_module = TrainStep(model, objective)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)

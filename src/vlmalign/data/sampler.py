@@ -1,0 +1,52 @@
+"""Length-grouped batching: fewer padding tokens in each batch.
+
+As transformers' `group_by_length`: shuffle, cut into mega-batches of `batch_size * group`
+samples, sort each mega-batch by length, cut it into batches, shuffle the batches. Batches
+stay random across the epoch while their members have similar lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices. Deterministic given `seed` and the epoch: every
+    call to `__iter__` starts the next epoch (or the one set with `set_epoch`)."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 8, drop_last: bool = True
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.drop_last = drop_last and len(self.lengths) >= batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=g)
+        mega = self.batch_size * self.group
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = order[start : start + mega]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[i]
