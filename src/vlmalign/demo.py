@@ -14,11 +14,12 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.table import Table
 
 from vlmalign.cache import TextStateCache
 from vlmalign.config import load_config
 from vlmalign.eval.evaluate import METRICS_NAME, EvalData, evaluate
-from vlmalign.eval.report import print_table, write_metrics
+from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
 from vlmalign.train.trainer import TrainData, train
@@ -27,22 +28,37 @@ console = Console()
 
 RECIPES = ("align", "align-cg", "align-clip")
 
-# Full demo: ~10 minutes on a 2-core CPU; quick: ~2 minutes (FINDINGS.md step costs).
-FULL = {"data.shapes_n": 1280, "train.max_steps": 90, "train.batch_size": 16, "data.eval_max_samples": 128}
-QUICK = {"data.shapes_n": 400, "train.max_steps": 16, "train.batch_size": 16, "data.eval_max_samples": 64}
+# Sized for a 2-core CPU: full under 10 minutes, quick (a smoke run: too few steps to
+# separate the recipes) about 2 minutes. 1200 scenes -> 960 train = 60 steps x 16.
+FULL = {"data.shapes_n": 1200, "train.max_steps": 60, "train.batch_size": 16, "data.eval_max_samples": 100, "train.log_every": 10}
+QUICK = {"data.shapes_n": 200, "train.max_steps": 12, "train.batch_size": 8, "data.eval_max_samples": 32, "train.log_every": 4}
 
-COLUMNS = {
-    "emb_i2t_R@1": "emb i2t R@1",
-    "emb_i2t_R@5": "emb i2t R@5",
-    "emb_t2i_R@1": "emb t2i R@1",
-    "emb_t2i_R@5": "emb t2i R@5",
-    "patch_i2t_R@5": "patch i2t R@5",
-    "patch_t2i_R@5": "patch t2i R@5",
-    "comp_emb_mean": "comp (emb)",
-    "comp_patch_mean": "comp (patch)",
-    "heldout_ntp_loss": "NTP loss",
-    "train_s": "train s",
+# Rows of the comparison table: metric key -> (label, format).
+ROWS = {
+    "emb_i2t_R@1": ("image->text R@1 (emb)", "{:.1f}"),
+    "emb_i2t_R@5": ("image->text R@5 (emb)", "{:.1f}"),
+    "emb_t2i_R@1": ("text->image R@1 (emb)", "{:.1f}"),
+    "emb_t2i_R@5": ("text->image R@5 (emb)", "{:.1f}"),
+    "patch_i2t_R@1": ("image->text R@1 (patch)", "{:.1f}"),
+    "patch_i2t_R@5": ("image->text R@5 (patch)", "{:.1f}"),
+    "patch_t2i_R@1": ("text->image R@1 (patch)", "{:.1f}"),
+    "patch_t2i_R@5": ("text->image R@5 (patch)", "{:.1f}"),
+    "comp_emb_mean": ("compositional acc (emb)", "{:.1f}"),
+    "comp_patch_mean": ("compositional acc (patch)", "{:.1f}"),
+    "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
+    "train_s": ("train wall time (s)", "{:.0f}"),
 }
+
+
+def comparison_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    """Metrics as rows, recipes as columns (fits a terminal for any number of metrics)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key, (label, fmt) in ROWS.items():
+        table.add_row(label, *[fmt.format(m[key]) if key in m else "-" for m in results.values()])
+    return table
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, extra: list[str] | None = None,
@@ -82,10 +98,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         results[name] = metrics
         console.print(f"  {name}: trained in {result.wall_time_s:.0f} s, evaluated in {metrics['eval_seconds']:.0f} s")
     total = time.perf_counter() - t0
-    rows = {name: {COLUMNS[k]: m[k] for k in COLUMNS if k in m} for name, m in results.items()}
-    print_table(rows, title=f"shapes demo: {len(eval_data.captions)} held-out pairs, seed {seed} (chance R@1 {100 / max(1, len(eval_data.captions)):.1f}%, R@5 {500 / max(1, len(eval_data.captions)):.1f}%)",
-                formats={"NTP loss": "{:.3f}", "train s": "{:.0f}"})
-    console.print("emb = prompted last-token embeddings (Ak et al.); patch = CG-VLM patch-token similarity; comp = SugarCrepe-style accuracy, mean over categories (chance 50%)")
-    console.print(f"total wall time {total:.0f} s; results in {out}")
+    n = max(1, len(eval_data.captions))
+    console.print(comparison_table(results, f"shapes demo, seed {seed}: {n} held-out pairs (chance R@1 {100 / n:.1f}%, R@5 {500 / n:.1f}%)"))
+    console.print(
+        "emb = prompted last-token embeddings (Ak et al.); patch = CG-VLM patch-token similarity;\n"
+        "comp = SugarCrepe-style accuracy, mean over hard-negative categories (chance 50%)"
+    )
+    console.print(f"total wall time {total:.0f} s; checkpoints and metrics.json under {out}")
     (out / "demo_summary.json").write_text(json.dumps({"seed": seed, "quick": quick, "total_s": total, "results": results}, indent=2))
     return results

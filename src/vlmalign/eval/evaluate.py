@@ -5,6 +5,7 @@ the modality gap. Writes metrics JSON next to the checkpoint and prints a table.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from vlmalign.eval.report import print_table, write_metrics
 from vlmalign.models.vlm import VLM
 
 METRICS_NAME = "metrics.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,6 +110,7 @@ def evaluate(
     txt_emb = text_emb(data.captions)  # [N_txt, D]
     metrics |= {f"emb_{k}": v for k, v in retrieval_metrics(img_emb @ txt_emb.T, data.text_to_image).items()}
     metrics |= {f"gap_{k}": v for k, v in modality_gap(img_emb[data.text_to_image], txt_emb).items()}
+    log.info("eval: prompted embeddings done at %.1f s", time.perf_counter() - t0)
 
     # CG-VLM patch-token similarity.
     k = cfg.objective.patch_pool
@@ -132,6 +136,7 @@ def evaluate(
         neg = losses.patch_token_similarity(pooled_i, ntok, nmask).diagonal()
         metrics |= {f"comp_patch_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
 
+    log.info("eval: compositional done at %.1f s", time.perf_counter() - t0)
     metrics["heldout_ntp_loss"] = heldout_ntp_loss(model, data, cfg)
     metrics["eval_pairs"] = float(len(data.captions))
     metrics["eval_seconds"] = time.perf_counter() - t0
