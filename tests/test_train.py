@@ -80,3 +80,26 @@ def test_demo_runs_all_three_recipes_from_the_same_start(tmp_path):
     assert set(results) == {"align", "align-cg", "align-clip"}
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert set(summary["results"]) == set(results)
+
+
+def test_cli_data_shapes_writes_the_layout(tmp_path):
+    assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--n", "30", "--seed", "1"]) == 0
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "meta.json"):
+        assert (tmp_path / "s" / name).exists(), name
+    assert any((tmp_path / "s" / "sugarcrepe").glob("*.json"))
+
+
+def test_text_states_are_computed_once_across_evaluations(tiny_cfg):
+    from vlmalign.cache import TextStateCache
+
+    cfg = tiny_cfg("align", "train.max_steps=1")
+    model = train(cfg).model
+    data = EvalData.prepare(model, cfg)
+    text_cache = TextStateCache()
+    evaluate(model, data, cfg, text_cache)
+    assert len(text_cache) > 0
+    calls = []
+    original = model.text_states
+    model.text_states = lambda texts: calls.append(len(texts)) or original(texts)
+    evaluate(model, data, cfg, text_cache)
+    assert calls == []

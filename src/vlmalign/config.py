@@ -135,6 +135,13 @@ class TrainConfig:
     log_every: int = 10
     # Save a checkpoint every N steps (0: only at the end).
     save_every: int = 0
+    # Periodic checkpoints kept on disk (older ones are deleted; 0 keeps all). 3 as a
+    # margin against a corrupt newest one; the final checkpoint is always kept.
+    keep_checkpoints: int = 3
+    # "" trains from scratch; a checkpoint folder, or "latest" (the newest complete
+    # checkpoint-* under out_dir), continues that run exactly: weights, optimizer,
+    # scheduler, RNG states and the position in the data order.
+    resume: str = ""
     # Batch captions of similar length together (less padding; transformers'
     # group_by_length). Shuffling stays random across batches.
     group_by_length: bool = True

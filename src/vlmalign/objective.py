@@ -1,9 +1,15 @@
 """The training objective: runs the model passes a config's losses need, weights the loss
 parts (losses.py) and sums them.
 
-`Objective(cfg.objective, cfg.embedding)` owns the learnable contrastive temperature
+`Objective(cfg.objective, gather=...)` owns the learnable contrastive temperature
 (CLIP logit scale, SigLIP scale and bias); `objective(model, batch)` returns the total loss
 and a dict of parts for logging.
+
+[Contract] With ``gather=True`` (the trainer sets it when more than one process runs) each
+rank returns its share of the global-batch loss, such that the mean of the ranks' losses
+and of their gradients (what DDP computes) equals the loss and gradients of one process on
+the global batch: contrastive negatives are all-gathered (losses.gather_with_grad) and the
+next-token loss is token-weighted over the global batch (`rank_token_weight`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlmalign import losses
@@ -20,7 +27,37 @@ from vlmalign.models.vlm import VLM
 CONTRASTIVE = ("none", "clip", "siglip")
 
 
+def rank_token_weight(n_local: Tensor) -> Tensor:
+    """Weight w_r that turns rank r's per-token mean next-token loss into its share of the
+    global-batch per-token mean.
+
+    One process on the global batch computes L = (sum_r S_r) / N, with S_r the summed token
+    cross-entropy of rank r, N_r its label tokens and N = sum_r N_r. DDP averages gradients
+    (and we average logged losses) over the W ranks, so rank r must return
+    L_r = W * S_r / N = mean_r * w_r with w_r = W * N_r / N; then (1/W) sum_r L_r = L,
+    gradients included. A naive per-rank mean instead weights every rank equally, whatever
+    its token count. N comes from an all_reduce of the counts (a tiny collective, no grad).
+
+    n_local: long scalar N_r. Returns a float scalar on n_local's device; exactly 1.0 when
+    no process group of world size > 1 is initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.ones((), device=n_local.device)
+    n_global = n_local.detach().clone()
+    dist.all_reduce(n_global, op=dist.ReduceOp.SUM)
+    # clamp: if no rank has a label token every mean is an exact 0 (losses.next_token_loss).
+    return dist.get_world_size() * n_local.float() / n_global.clamp(min=1).float()
+
+
 class Objective(nn.Module):
+    """Weighted sum of the recipe's losses: ntp_weight * next-token + patch_weight *
+    patch-token contrastive + contrastive_weight * (CLIP or SigLIP on prompted embeddings).
+
+    ``gather=True``: exact across ranks (see the module's [Contract]); the logged
+    ``ntp_loss`` is then the rank's share W * S_r / N, whose mean over ranks is the
+    global per-token mean.
+    """
+
     def __init__(self, cfg: ObjectiveConfig, gather: bool = False) -> None:
         super().__init__()
         if cfg.contrastive not in CONTRASTIVE:
@@ -48,12 +85,18 @@ class Objective(nn.Module):
         return self.log_logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
     def forward(self, model: VLM, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, parts) for a collated batch (data.collate.CaptionCollator): parts
+        holds each weighted loss's unweighted value (``ntp_loss``, ``patch_loss``, ...),
+        ``ntp_tokens``, ``logit_scale`` and the detached ``loss``."""
         c = self.cfg
         visual = model.visual_tokens(batch.get("pixel_values"), batch.get("features"))  # [B, Q, D]
         parts: dict[str, Tensor] = {}
         total = visual.new_zeros(())
         if c.ntp_weight > 0:
             parts |= model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], visual)
+            if self.gather:
+                # [Contract] model.ntp returns S_r / N_r; make it W * S_r / N (rank_token_weight).
+                parts["ntp_loss"] = parts["ntp_loss"] * rank_token_weight(parts["ntp_tokens"])
             total = total + c.ntp_weight * parts["ntp_loss"]
         if self.uses_patch:
             pooled = losses.pool_visual_tokens(visual, model.projector.output_grid, c.patch_pool)

@@ -97,7 +97,7 @@ def evaluate(
     model.eval()
     dev = model.projector_device()
     metrics: dict[str, float] = {}
-    text_cache = text_cache or cache.TextStateCache()
+    text_cache = text_cache if text_cache is not None else cache.TextStateCache()
     frozen_text = not any(p.requires_grad for p in model.llm.parameters())
 
     def text_emb(texts: list[str]) -> Tensor:

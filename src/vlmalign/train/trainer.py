@@ -1,5 +1,6 @@
 """The training loop, on Accelerate: AdamW, warmup + cosine, accumulation, clipping,
-per-part loss logging, periodic checkpoints.
+per-part loss logging, periodic checkpoints, exact resume (`train.resume`, see
+train/checkpoint.py).
 
 `train(cfg)` builds everything from the config. The demo passes an already loaded `model`
 and a `TrainData` so several recipes share one backbone and one set of cached features.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
@@ -30,13 +31,15 @@ from vlmalign.data.sampler import LengthGroupedBatchSampler
 from vlmalign.data.splits import train_samples
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
+from vlmalign.train import checkpoint
+from vlmalign.train.checkpoint import TrainingState
 from vlmalign.train.recipes import RECIPES, apply_recipe
 
 log = logging.getLogger(__name__)
 console = Console()
 
-OBJECTIVE_NAME = "objective.safetensors"
-STATE_NAME = "trainer_state.json"
+# Batches per length-sorted mega-batch when train.group_by_length is on.
+LENGTH_GROUP = 8
 
 
 @dataclass
@@ -62,7 +65,7 @@ class TrainData:
             console.print(f"[yellow]data: {report.summary()}")
         if not samples:
             raise ValueError(f"no usable training samples in {cfg.data.root}")
-        return cls(samples, features, text_cache or cache.TextStateCache(), report)
+        return cls(samples, features, text_cache if text_cache is not None else cache.TextStateCache(), report)
 
 
 @dataclass
@@ -87,18 +90,34 @@ class TrainStep(nn.Module):
 
 
 def text_path_frozen(model: VLM) -> bool:
+    """Whether nothing in the LLM trains (text states can then be cached once)."""
     return not any(p.requires_grad for p in model.llm.parameters())
 
 
-def save_checkpoint(directory: Path, model: VLM, objective: Objective, state: dict) -> Path:
-    """One folder: trainable weights + resolved config (VLM.from_pretrained reloads it),
-    the objective's learnable temperature, and the trainer state."""
-    model.save_pretrained(directory)
-    obj = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
-    if obj:
-        save_file(obj, str(directory / OBJECTIVE_NAME))
-    (directory / STATE_NAME).write_text(json.dumps(state, indent=2))
-    return directory
+def prepare_text_states(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> torch.Tensor | None:
+    """Cached prompted text states of the training captions when the contrastive loss needs
+    them ([N, D], or None); estimates the centring mean once (a resumed run has it back
+    with its weights, and a model reused across recipes keeps its own)."""
+    need_mean = cfg.embedding.centre and not bool(model.embed_mean_ready)
+    states = None
+    if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and text_path_frozen(model):
+        states = data.text_cache.states(model, [s.caption for s in data.samples])  # [N, D]
+    if need_mean:
+        if states is None:
+            raise ValueError("embedding.centre needs train.cache_text_embeddings=true with a frozen text path")
+        model.set_embedding_mean(states[: cfg.embedding.centre_samples])
+    return states if objective.uses_embeddings else None
+
+
+def batch_sampler(collator: CaptionCollator, samples: list[Sample], cfg: Config) -> LengthGroupedBatchSampler:
+    """Shuffled batches whose order depends only on (seed, epoch), so resume can skip into
+    an epoch: length-grouped (train.group_by_length) or plain (group of 1, equal lengths)."""
+    tc = cfg.train
+    if not tc.group_by_length:
+        return LengthGroupedBatchSampler([0] * len(samples), tc.batch_size, seed=tc.seed, group=1)
+    lengths = [len(collator.caption_ids(s.caption)) for s in samples]
+    collator.truncated = 0
+    return LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed, group=LENGTH_GROUP)
 
 
 def _format_parts(parts: dict[str, float]) -> str:
@@ -106,11 +125,13 @@ def _format_parts(parts: dict[str, float]) -> str:
 
 
 def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) -> TrainResult:
-    """Train `cfg.recipe` for `cfg.train.max_steps` optimizer steps; returns the final
-    checkpoint folder and the logged history."""
+    """Train `cfg.recipe` for `cfg.train.max_steps` optimizer steps, from scratch or from
+    `cfg.train.resume`; returns the final checkpoint folder and the logged history."""
     t0 = time.perf_counter()
     tc = cfg.train
     recipe = RECIPES.get(cfg.recipe)
+    out_dir = Path(tc.out_dir)
+    resume_from = checkpoint.resolve_resume(tc.resume, out_dir)  # fail before loading anything
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum_steps,
         mixed_precision=tc.mixed_precision,
@@ -123,38 +144,22 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     apply_recipe(model, recipe)
     model.to(accelerator.device)
     objective = Objective(cfg.objective, gather=accelerator.num_processes > 1).to(accelerator.device)
+    if resume_from is not None:
+        if changed := checkpoint.config_changes(resume_from, cfg):
+            console.print(f"[yellow]resume: config differs from {resume_from} in {', '.join(changed)}; the run will not match an uninterrupted one")
+        checkpoint.load_weights(resume_from, model, objective)
     if data is None:
         data = TrainData.prepare(model, cfg)
-
-    text_states = None
-    needs_text = objective.uses_embeddings or cfg.embedding.centre
-    if needs_text and tc.cache_text_embeddings and text_path_frozen(model):
-        text_states = data.text_cache.states(model, [s.caption for s in data.samples])
-    if cfg.embedding.centre and not bool(model.embed_mean_ready):
-        if text_states is None:
-            raise ValueError("embedding.centre needs train.cache_text_embeddings with a frozen text path")
-        model.set_embedding_mean(text_states[: cfg.embedding.centre_samples])
-    if not objective.uses_embeddings:
-        text_states = None
+    text_states = prepare_text_states(model, objective, data, cfg)
 
     dataset = CaptionDataset(data.samples, data.features, text_states, model.preprocess)
     collator = CaptionCollator(
         model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens
     )
-    if tc.group_by_length:
-        lengths = [len(collator.caption_ids(s.caption)) for s in data.samples]
-        collator.truncated = 0
-        batches = LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed)
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
-    else:
-        loader = DataLoader(
-            dataset,
-            batch_size=tc.batch_size,
-            shuffle=True,
-            drop_last=len(dataset) >= tc.batch_size,
-            collate_fn=collator,
-            generator=torch.Generator().manual_seed(tc.seed),
-        )
+    sampler = batch_sampler(collator, data.samples, cfg)
+    # A private generator: the loader draws a seed from it each epoch, which would
+    # otherwise shift the global torch RNG between an interrupted run and its resumption.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(tc.seed))
     step_module = TrainStep(model, objective)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -162,12 +167,28 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     step_module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
 
-    out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
-    history: list[dict] = []
+    state = TrainingState()
+    if resume_from is not None:
+        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler)
+        accelerator.step = state.micro_step  # where the interrupted run was in its accumulation
+        sampler.skip_next(state.batches_done)
+        console.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
+    elif latest := checkpoint.find_latest(out_dir):
+        console.print(f"[yellow]{out_dir} already holds checkpoints (newest {latest.name}); this run replaces those of the same steps")
+
+    def save(extra: dict | None = None) -> Path:
+        """The checkpoint of this step, written by the main process."""
+        state.extra = extra or state.extra
+        path = out_dir / f"checkpoint-{state.step}"
+        if accelerator.is_main_process:
+            checkpoint.save_checkpoint(out_dir, state, model, objective, optimizer, scheduler, accelerator.scaler)
+        accelerator.wait_for_everyone()
+        return path
+
     running: dict[str, float] = {}
-    step, micro, t_log = 0, 0, time.perf_counter()
+    micro, t_log = 0, time.perf_counter()
     console.print(
         f"[bold]{recipe.name}[/] ({recipe.paper}): {len(dataset)} samples, batch {tc.batch_size}"
         f" x accum {tc.grad_accum_steps}, {tc.max_steps} steps, trains {', '.join(recipe.trains)}"
@@ -175,12 +196,14 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     step_module.train()
     model.llm.eval()  # no dropout in frozen or partly trained backbones
     model.vision.eval()
-    while step < tc.max_steps:
+    while state.step < tc.max_steps:
+        loader.set_epoch(state.epoch)  # one process: Accelerate's loader passes it on
+        sampler.set_epoch(state.epoch)  # several: its batch-sampler shard does not
         for batch in loader:
             with accelerator.accumulate(step_module):
                 loss, parts = step_module(batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {_format_parts({k: float(v) for k, v in parts.items()})}")
+                    raise FloatingPointError(f"non-finite loss at step {state.step}: {_format_parts({k: float(v) for k, v in parts.items()})}")
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -188,36 +211,39 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
+            state.batches_done += accelerator.num_processes
             for k, v in parts.items():
                 if k != "ntp_tokens":
                     running[k] = running.get(k, 0.0) + float(v.detach())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            step += 1
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            state.step += 1
+            state.micro_step = accelerator.step
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 dt = time.perf_counter() - t_log
                 entry = {k: v / micro for k, v in running.items()}
-                entry |= {"step": step, "lr": scheduler.get_last_lr()[0], "s_per_step": dt / tc.log_every}
+                entry |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "s_per_step": dt / tc.log_every}
                 if grad_norm is not None:
                     entry["grad_norm"] = float(grad_norm)
-                history.append(entry)
-                console.print(f"  step {step:4d}  " + _format_parts({k: entry[k] for k in running}) + f"  lr {entry['lr']:.2e}  {entry['s_per_step']:.2f} s/step")
+                state.history.append(entry)
+                console.print(f"  step {state.step:4d}  " + _format_parts({k: entry[k] for k in running}) + f"  lr {entry['lr']:.2e}  {entry['s_per_step']:.2f} s/step")
                 running, micro, t_log = {}, 0, time.perf_counter()
-            if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-                save_checkpoint(out_dir / f"checkpoint-{step}", model, objective, {"step": step})
-            if step >= tc.max_steps:
+            if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                save()
+                if accelerator.is_main_process:
+                    checkpoint.prune_checkpoints(out_dir, tc.keep_checkpoints, state.step)
+            if state.step >= tc.max_steps:
                 break
+        else:  # the epoch ran out (not a break at max_steps)
+            state.epoch, state.batches_done = state.epoch + 1, 0
     if collator.truncated:
         console.print(f"[yellow]data: {collator.truncated} captions truncated to {cfg.data.max_caption_tokens} tokens")
-    final = save_checkpoint(
-        out_dir / f"checkpoint-{step}",
-        model,
-        objective,
-        {"step": step, "history": history, "skipped": data.report.as_dict(), "truncated": collator.truncated},
-    )
-    (out_dir / "latest").write_text(final.name)
-    with open(out_dir / "history.jsonl", "w") as f:
-        for entry in history:
-            f.write(json.dumps(entry) + "\n")
-    return TrainResult(final, history, time.perf_counter() - t0, model, objective)
+    final = save({"skipped": data.report.as_dict(), "truncated": collator.truncated})
+    if accelerator.is_main_process:
+        (out_dir / "latest.tmp").write_text(final.name)
+        os.replace(out_dir / "latest.tmp", out_dir / "latest")
+        with open(out_dir / "history.jsonl", "w") as f:
+            for entry in state.history:
+                f.write(json.dumps(entry) + "\n")
+    return TrainResult(final, state.history, time.perf_counter() - t0, model, objective)

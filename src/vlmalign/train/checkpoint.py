@@ -1,0 +1,277 @@
+"""Checkpoints that resume exactly: one folder per step, written atomically.
+
+```
+checkpoint-{step}/
+  model.safetensors      trainable weights + centring buffers (VLM.save_pretrained)
+  config.yaml            the resolved config (VLM.from_pretrained rebuilds the model)
+  objective.safetensors  the objective's learnable temperature / bias, when it has any
+  optimizer.pt           optimizer.state_dict(): tensors and numbers only, read back with
+                         torch.load(weights_only=True), so loading runs no pickled code
+  rng_state.safetensors  torch CPU (and CUDA) generator states
+  trainer_state.json     step, data position, scheduler, python/numpy RNG, history;
+                         written last
+```
+
+A checkpoint is written into `checkpoint-{step}.tmp`, every file fsynced, then renamed, so
+an interrupted save never leaves a folder that looks complete; `find_latest` only counts
+folders that hold every file above. A resumed run reloads all of it (weights, optimizer,
+scheduler, RNG states, sampler epoch and position) and ends with the same weights, bit for
+bit on CPU, as a run that was never stopped (tests/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmalign.config import Config, ConfigError, load_config
+from vlmalign.models.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_NAME = "objective.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
+RNG_NAME = "rng_state.safetensors"
+STATE_NAME = "trainer_state.json"
+# Every file a resumable checkpoint holds (objective.safetensors only when the objective
+# has parameters). STATE_NAME is written last.
+REQUIRED = (WEIGHTS_NAME, CONFIG_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME)
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Config keys that may change between the interrupted run and its resumption without
+# changing the trajectory (where to write, how long, how often to log or save).
+# (max_steps is not among them: the cosine schedule depends on it.)
+_RESUME_FREE_KEYS = {
+    "train.resume", "train.out_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_at_end",
+}
+
+
+@dataclass
+class TrainingState:
+    """Where the loop stands, besides tensors: what a resumed run needs to continue."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # sampler epoch in progress
+    batches_done: int = 0  # sampler batches of `epoch` consumed, all processes together
+    micro_step: int = 0  # Accelerate's accumulation counter (`accelerator.step`)
+    history: list[dict] = field(default_factory=list)  # logged entries so far
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. skipped/truncated counts
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The python, numpy, torch CPU and CUDA generator states: (JSON part, tensor part)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    as_json = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return as_json, tensors
+
+
+def set_rng_state(as_json: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` returned."""
+    py = as_json["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    npy = as_json["numpy"]
+    np.random.set_state((npy["name"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("checkpoint has %d CUDA RNG states, this machine %d GPUs: restoring the first ones", len(cuda), torch.cuda.device_count())
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (POSIX; elsewhere a no-op for folders)."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state: TrainingState,
+    model: VLM,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Any = None,
+) -> Path:
+    """Write `out_dir/checkpoint-{state.step}` atomically (into `.tmp`, fsync, rename) and
+    return it; an existing folder of that step is replaced. `scaler`: Accelerate's fp16
+    GradScaler, if any."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{state.step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():  # left by an interrupted save
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    obj = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
+    if obj:
+        save_file(obj, str(tmp / OBJECTIVE_NAME))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+    rng_json, rng_tensors = rng_state()
+    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_NAME))
+    record = asdict(state)
+    record |= record.pop("extra")
+    record |= {"scheduler": scheduler.state_dict(), "rng": rng_json}
+    if scaler is not None:
+        record["scaler"] = scaler.state_dict()
+    try:
+        text = json.dumps(record, indent=1)
+    except TypeError as e:
+        raise TypeError(f"trainer state for {final} is not JSON-serialisable ({e}); keep scheduler and logged values plain numbers") from None
+    (tmp / STATE_NAME).write_text(text)
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(out_dir)
+    return final
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, up_to_step: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints with step <= `up_to_step`
+    (checkpoints of a later step, left by an earlier run, are not this run's to delete);
+    `keep` <= 0 keeps everything. Returns the deleted folders."""
+    if keep <= 0:
+        return []
+    mine = [(s, p) for s, p in _checkpoints(Path(out_dir)) if s <= up_to_step]
+    doomed = [p for _, p in sorted(mine)[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# ----------------------------------------------------------------------------- finding
+def is_complete(directory: str | Path) -> bool:
+    """Whether `directory` holds every file a resumable checkpoint needs."""
+    return all((Path(directory) / name).is_file() for name in REQUIRED)
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) for each complete `checkpoint-{step}` directly under `out_dir`."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in out_dir.iterdir():
+        m = _CHECKPOINT_RE.match(path.name)
+        if m and path.is_dir() and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return found
+
+
+def find_latest(out_dir: str | Path) -> Path | None:
+    """The complete `checkpoint-{step}` under `out_dir` with the highest step, or None.
+    `.tmp` folders and folders missing a file (an interrupted save) never count."""
+    found = _checkpoints(Path(out_dir))
+    return max(found)[1] if found else None
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """`train.resume` -> the checkpoint folder to continue from: "" -> None, "latest" -> the
+    newest complete checkpoint under `out_dir`, anything else -> that folder, checked."""
+    if not resume:
+        return None
+    if resume == "latest":
+        latest = find_latest(out_dir)
+        if latest is None:
+            raise FileNotFoundError(
+                f"train.resume=latest: no complete checkpoint-* folder under {out_dir}. Train from scratch "
+                "(leave train.resume empty) or set train.resume to a checkpoint folder."
+            )
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume={resume}: no such folder; give a checkpoint-* folder or 'latest'")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"train.resume={resume} is not a resumable checkpoint: it lacks {', '.join(missing)} (an interrupted "
+            "save, or a checkpoint from before resume support). Pick another checkpoint-* folder."
+        )
+    return path
+
+
+def config_changes(directory: str | Path, cfg: Config) -> list[str]:
+    """Dotted keys whose value in `cfg` differs from the checkpoint's config.yaml, except
+    those that do not change the trajectory (out_dir, max_steps, logging, saving)."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    try:
+        saved = flat(load_config(Path(directory) / CONFIG_NAME).to_dict())
+    except ConfigError as e:  # written by another version of vlmalign
+        return [f"(unreadable {CONFIG_NAME}: {e})"]
+    now = flat(cfg.to_dict())
+    return sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
+
+
+# ----------------------------------------------------------------------------- reading
+def load_weights(directory: str | Path, model: VLM, objective: nn.Module) -> None:
+    """Load a checkpoint's trainable weights (with the centring mean) into `model` and the
+    objective's learnable temperature into `objective`."""
+    directory = Path(directory)
+    model.load_trainable(directory)
+    path = directory / OBJECTIVE_NAME
+    expected = objective.state_dict()
+    if path.is_file():
+        objective.load_state_dict(load_file(str(path)))
+    elif expected:
+        raise FileNotFoundError(f"{directory} has no {OBJECTIVE_NAME} but this objective learns {sorted(expected)}; was it saved by another recipe?")
+
+
+def load_training_state(
+    directory: str | Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Any = None,
+) -> TrainingState:
+    """Load the optimizer, scheduler, (fp16 scaler) and RNG states of a checkpoint and
+    return the loop's position. Call it last, right before the loop: it sets the RNGs."""
+    directory = Path(directory)
+    record = json.loads((directory / STATE_NAME).read_text())
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(record.pop("scheduler"))
+    scaler_state = record.pop("scaler", None)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    set_rng_state(record.pop("rng"), load_file(str(directory / RNG_NAME)))
+    known = {"step", "epoch", "batches_done", "micro_step", "history"}
+    state = TrainingState(**{k: record.pop(k) for k in known})
+    state.extra = record
+    return state
