@@ -23,9 +23,18 @@ def tower_features(
     images are skipped and counted in `report`, never a crash mid-run. Images shared by
     several samples (e.g. 5 captions per image) are encoded once."""
     report = report if report is not None else LoadReport()
+    device = model.projector_device()
     rows: dict[str, int] = {}
-    images, kept = [], []
+    pending: list = []  # decoded images waiting for the next tower batch
+    chunks: list[Tensor] = []
+    kept: list[Sample] = []
     bad: set[str] = set()
+
+    def flush() -> None:
+        if pending:
+            chunks.append(model.tower_features(model.preprocess(pending).to(device)).cpu())
+            pending.clear()
+
     for s in samples:
         key = str(s.image)
         if key in bad:
@@ -38,17 +47,17 @@ def tower_features(
                 bad.add(key)
                 report.skip("unreadable image", key, str(e))
                 continue
-            rows[key] = len(images)
-            images.append(img)
+            rows[key] = len(rows)
+            pending.append(img)
+            if len(pending) == batch_size:
+                flush()
         kept.append(s)
-    device = model.projector_device()
-    chunks = []
-    for i in range(0, len(images), batch_size):
-        pixels = model.preprocess(images[i : i + batch_size]).to(device)
-        chunks.append(model.tower_features(pixels).cpu())
-    unique = torch.cat(chunks) if chunks else torch.zeros(0)
+    flush()
+    if not kept:
+        return torch.zeros(0), kept
+    unique = torch.cat(chunks)  # [N_distinct, P, Dv]
     index = torch.tensor([rows[str(s.image)] for s in kept], dtype=torch.long)
-    return unique[index] if len(kept) else unique, kept
+    return unique[index], kept
 
 
 class TextStateCache:

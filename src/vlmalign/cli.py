@@ -21,8 +21,8 @@ console = Console()
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from vlmalign.config import load_config
-    from vlmalign.eval.evaluate import METRICS_NAME, SUMMARY_COLUMNS, EvalData, evaluate
-    from vlmalign.eval.report import print_table, write_metrics
+    from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, evaluate
+    from vlmalign.eval.report import write_metrics
     from vlmalign.paths import recipe_config
     from vlmalign.train.trainer import train
 
@@ -33,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = result.model
         metrics = evaluate(model, EvalData.prepare(model, cfg), cfg)
         write_metrics(result.checkpoint / METRICS_NAME, metrics, meta={"recipe": cfg.recipe})
-        print_table({cfg.recipe: metrics}, columns=[c for c in SUMMARY_COLUMNS if c in metrics])
+        console.print(comparison_table({cfg.recipe: metrics}, f"{cfg.recipe}: held-out evaluation"))
     return 0
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.table import Table
 
 from vlmalign.cache import TextStateCache
 from vlmalign.config import load_config
-from vlmalign.eval.evaluate import METRICS_NAME, EvalData, evaluate
+from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, evaluate
 from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
@@ -29,39 +28,10 @@ console = Console()
 RECIPES = ("align", "align-cg", "align-clip")
 
 # Sized for a 2-core CPU: full under 10 minutes, quick (a smoke run: too few steps to
-# separate the recipes reliably) about 2 minutes. 900 scenes -> 720 train = 45 steps x 16,
-# 90 held-out pairs.
-FULL = {"data.shapes_n": 900, "train.max_steps": 45, "train.batch_size": 16, "data.eval_max_samples": 90, "train.log_every": 5}
+# separate the recipes reliably) about 2 minutes. 800 scenes -> 640 train = 40 steps x 16,
+# 80 held-out pairs.
+FULL = {"data.shapes_n": 800, "train.max_steps": 40, "train.batch_size": 16, "data.eval_max_samples": 80, "train.log_every": 5}
 QUICK = {"data.shapes_n": 200, "train.max_steps": 12, "train.batch_size": 8, "data.eval_max_samples": 32, "train.log_every": 4}
-
-# Rows of the comparison table: metric key -> (label, format).
-ROWS = {
-    "emb_i2t_R@1": ("image->text R@1 (emb)", "{:.1f}"),
-    "emb_i2t_R@5": ("image->text R@5 (emb)", "{:.1f}"),
-    "emb_t2i_R@1": ("text->image R@1 (emb)", "{:.1f}"),
-    "emb_t2i_R@5": ("text->image R@5 (emb)", "{:.1f}"),
-    "patch_i2t_R@1": ("image->text R@1 (patch)", "{:.1f}"),
-    "patch_i2t_R@5": ("image->text R@5 (patch)", "{:.1f}"),
-    "patch_t2i_R@1": ("text->image R@1 (patch)", "{:.1f}"),
-    "patch_t2i_R@5": ("text->image R@5 (patch)", "{:.1f}"),
-    "comp_emb_mean": ("compositional acc (emb)", "{:.1f}"),
-    "comp_patch_mean": ("compositional acc (patch)", "{:.1f}"),
-    "train_ntp_loss": ("final train NTP loss", "{:.3f}"),
-    "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
-    "train_s": ("train wall time (s)", "{:.0f}"),
-}
-
-
-def comparison_table(results: dict[str, dict[str, float]], title: str) -> Table:
-    """Metrics as rows, recipes as columns (fits a terminal for any number of metrics)."""
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in results:
-        table.add_column(name, justify="right")
-    for key, (label, fmt) in ROWS.items():
-        table.add_row(label, *[fmt.format(m[key]) if key in m else "-" for m in results.values()])
-    return table
-
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, extra: list[str] | None = None,
              llm: str = "smollm2-135m", tower: str = "efficientnet-lite0") -> dict[str, dict[str, float]]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
 
 from vlmalign import cache, losses
@@ -19,7 +21,7 @@ from vlmalign.data.collate import CaptionCollator
 from vlmalign.data.sample import CompositionalItem, LoadReport, Sample
 from vlmalign.data.splits import compositional_items, eval_samples
 from vlmalign.eval.metrics import compositional_accuracy, modality_gap, retrieval_metrics
-from vlmalign.eval.report import print_table, write_metrics
+from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 
 METRICS_NAME = "metrics.json"
@@ -143,11 +145,36 @@ def evaluate(
     return metrics
 
 
-SUMMARY_COLUMNS = [
-    "emb_i2t_R@1", "emb_i2t_R@5", "emb_t2i_R@1", "emb_t2i_R@5",
-    "patch_i2t_R@1", "patch_i2t_R@5", "patch_t2i_R@1", "patch_t2i_R@5",
-    "comp_emb_mean", "comp_patch_mean", "heldout_ntp_loss",
-]
+# Rows of the comparison table: metric key -> (label, format).
+ROWS = {
+    "emb_i2t_R@1": ("image->text R@1 (emb)", "{:.1f}"),
+    "emb_i2t_R@5": ("image->text R@5 (emb)", "{:.1f}"),
+    "emb_t2i_R@1": ("text->image R@1 (emb)", "{:.1f}"),
+    "emb_t2i_R@5": ("text->image R@5 (emb)", "{:.1f}"),
+    "patch_i2t_R@1": ("image->text R@1 (patch)", "{:.1f}"),
+    "patch_i2t_R@5": ("image->text R@5 (patch)", "{:.1f}"),
+    "patch_t2i_R@1": ("text->image R@1 (patch)", "{:.1f}"),
+    "patch_t2i_R@5": ("text->image R@5 (patch)", "{:.1f}"),
+    "comp_emb_mean": ("compositional acc (emb)", "{:.1f}"),
+    "comp_patch_mean": ("compositional acc (patch)", "{:.1f}"),
+    "train_ntp_loss": ("final train NTP loss", "{:.3f}"),
+    "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
+    "train_s": ("train wall time (s)", "{:.0f}"),
+}
+
+
+def comparison_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    """Metrics as rows, recipes as columns (fits a terminal for any number of metrics)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key, (label, fmt) in ROWS.items():
+        if not any(key in m for m in results.values()):
+            continue
+        table.add_row(label, *[fmt.format(m[key]) if key in m else "-" for m in results.values()])
+    return table
+
 
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
@@ -158,5 +185,5 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = No
     data = EvalData.prepare(model, model.cfg)
     metrics = evaluate(model, data, model.cfg)
     write_metrics(checkpoint / METRICS_NAME, metrics, meta={"checkpoint": str(checkpoint), "skipped": data.report.as_dict()})
-    print_table({checkpoint.parent.name: metrics}, columns=[c for c in SUMMARY_COLUMNS if c in metrics], title=f"evaluation of {checkpoint}")
+    Console().print(comparison_table({checkpoint.parent.name: metrics}, f"evaluation of {checkpoint}"))
     return metrics

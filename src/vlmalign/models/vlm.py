@@ -67,7 +67,6 @@ class PromptPrefix:
 class VLM(nn.Module):
     def __init__(self, cfg: Config, vision: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer) -> None:
         super().__init__()
-        self.cfg = cfg
         self.vision = vision
         self.projector = projector
         self.llm = llm
@@ -78,16 +77,7 @@ class VLM(nn.Module):
         # cfg.embedding.centre is on; estimated on training captions, saved with the weights.
         self.register_buffer("embed_mean", torch.zeros(self.hidden_size))
         self.register_buffer("embed_mean_ready", torch.zeros((), dtype=torch.bool))
-        prompt = render_prompt(tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        self.image_prompt_ids = expand_image_tokens(ids, self.image_token_id, projector.num_tokens)
-        # Prompt text before the image / the sentence: the same for every sample, so with a
-        # frozen LLM its keys and values are computed once and reused (PromptPrefix).
-        at = self.image_prompt_ids.index(self.image_token_id)
-        self._image_prefix = PromptPrefix(self.image_prompt_ids[:at])
-        head = render_prompt(tokenizer, cfg.embedding.text_prompt, cfg.embedding.chat_template, "\x00")
-        head = head.split("\x00")[0]
-        self._text_prefix = PromptPrefix(tokenizer(head, add_special_tokens=False).input_ids if head else [])
+        self.set_config(cfg)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -109,6 +99,22 @@ class VLM(nn.Module):
 
     def projector_device(self) -> torch.device:
         return next(self.projector.parameters()).device
+
+    def set_config(self, cfg: Config) -> None:
+        """Adopt `cfg` (e.g. another recipe on the same backbone): rebuild the prompt ids
+        and their cached prefixes from its embedding settings."""
+        self.cfg = cfg
+        tokenizer = self.tokenizer
+        prompt = render_prompt(tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        self.image_prompt_ids = expand_image_tokens(ids, self.image_token_id, self.projector.num_tokens)
+        # Prompt text before the image / the sentence: the same for every sample, so with a
+        # frozen LLM its keys and values are computed once and reused (PromptPrefix).
+        at = self.image_prompt_ids.index(self.image_token_id)
+        self._image_prefix = PromptPrefix(self.image_prompt_ids[:at])
+        head = render_prompt(tokenizer, cfg.embedding.text_prompt, cfg.embedding.chat_template, "\x00")
+        head = head.split("\x00")[0]
+        self._text_prefix = PromptPrefix(tokenizer(head, add_special_tokens=False).input_ids if head else [])
 
     # ----------------------------------------------------------------- vision
     def preprocess(self, images: list[Image.Image]) -> Tensor:

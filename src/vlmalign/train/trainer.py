@@ -140,7 +140,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     set_seed(tc.seed)
     if model is None:
         model = VLM.build(cfg)
-    model.cfg = cfg
+    model.set_config(cfg)
     apply_recipe(model, recipe)
     model.to(accelerator.device)
     objective = Objective(cfg.objective, gather=accelerator.num_processes > 1).to(accelerator.device)
