@@ -103,3 +103,9 @@ def test_text_states_are_computed_once_across_evaluations(tiny_cfg):
     model.text_states = lambda texts: calls.append(len(texts)) or original(texts)
     evaluate(model, data, cfg, text_cache)
     assert calls == []
+
+
+def test_cli_names_known_recipes_for_an_unknown_one(capsys):
+    assert main(["train", "align-typo"]) == 2
+    out = capsys.readouterr().out
+    assert "align-typo" in out and "align-cg" in out

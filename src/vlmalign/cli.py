@@ -99,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     from vlmalign.config import ConfigError
+    from vlmalign.models.registry import UnknownIdError
 
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, UnknownIdError) as e:
         console.print(f"[red]config error:[/] {e}")
+        return 2
+    except FileNotFoundError as e:
+        console.print(f"[red]not found:[/] {e}")
         return 2
 
 
