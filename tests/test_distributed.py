@@ -43,29 +43,35 @@ WEIGHT_CASES = {(0, 6): (0.0, 2.0), (3, 1): (1.5, 0.5), (0, 0): (0.0, 0.0)}
 
 
 # ----------------------------------------------------------------------- shared set-up
-def _build(recipe: str, root: str, mean_states: torch.Tensor, gather: bool):
-    """The tiny VLM (same seed on every rank) with the recipe's trainable parts, and its
-    objective; returns (model, objective, {name: trainable parameter})."""
-    cfg = load_config(recipe_config(recipe), [*TINY, f"data.root={root}"])
+def _config(recipe: str, root: str | Path):
+    return load_config(recipe_config(recipe), [*TINY, f"data.root={root}"])
+
+
+def _tiny_model(root: str | Path) -> VLM:
+    """The tiny VLM, same seed in every process (both recipes share the backbone)."""
     torch.manual_seed(0)
-    model = VLM.build(cfg)
+    return VLM.build(_config("align", root))
+
+
+def _setup(model: VLM, recipe: str, root: str, mean_states: torch.Tensor, gather: bool):
+    """Prepare `model` as the trainer does for `recipe`; returns (objective,
+    {name: trainable parameter})."""
+    cfg = _config(recipe, root)
+    model.set_config(cfg)  # as the trainer does
     apply_recipe(model, RECIPES.get(recipe))
-    model.set_embedding_mean(mean_states)  # as the trainer does, before any loss
+    model.set_embedding_mean(mean_states)  # before any loss, identical on every rank
     model.train()
-    model.llm.eval()  # as the trainer: no dropout in the backbones
+    model.llm.eval()  # no dropout in the backbones
     model.vision.eval()
     objective = Objective(cfg.objective, gather=gather)
     params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     params |= {f"objective.{n}": p for n, p in objective.named_parameters() if p.requires_grad}
-    return model, objective, params
+    return objective, params
 
 
-def _make_batches(root: Path) -> dict:
+def _make_batches(root: Path, model: VLM) -> dict:
     """One global batch and its two rank halves, collated separately (as each rank's
     loader would), with cached-style features and text states."""
-    cfg = load_config(recipe_config("align-clip"), [*TINY, f"data.root={root}"])
-    torch.manual_seed(0)
-    model = VLM.build(cfg)
     samples = load_captions_jsonl(root / "train.jsonl")[: WORLD * PER_RANK]
     # Rank 0: short captions; rank 1: long captions -> unequal label-token counts.
     samples = samples[:PER_RANK] + [
@@ -79,7 +85,8 @@ def _make_batches(root: Path) -> dict:
         text_states = model.text_states([s.caption for s in samples])  # [N, D]
     dataset = CaptionDataset(samples, features, text_states)
     collate = CaptionCollator(
-        model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens
+        model.tokenizer, model.image_token_id, model.num_visual_tokens,
+        model.cfg.data.max_caption_tokens,
     )
     items = [dataset[i] for i in range(len(dataset))]
     halves = [collate(items[r * PER_RANK : (r + 1) * PER_RANK]) for r in range(WORLD)]
@@ -129,8 +136,9 @@ def _rank_main(rank: int, world: int, port: int, payload_path: str, out_dir: str
         out: dict = {"weights": {}}
         for counts in WEIGHT_CASES:
             out["weights"][counts] = float(rank_token_weight(torch.tensor(counts[rank])))
+        model = _tiny_model(payload["root"])
         for recipe in RECIPES_UNDER_TEST:
-            model, objective, params = _build(recipe, payload["root"], payload["mean_states"], True)
+            objective, params = _setup(model, recipe, payload["root"], payload["mean_states"], True)
             exact = _loss_and_grads(model, objective, params, batch)
             exact["grads"] = _ddp_average(exact["grads"])
             # The naive version: every rank's next-token loss its own per-token mean.
@@ -154,8 +162,13 @@ def _free_port() -> int:
 
 # ----------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def batches(shapes_root) -> dict:
-    return _make_batches(shapes_root)
+def model(shapes_root) -> VLM:
+    return _tiny_model(shapes_root)
+
+
+@pytest.fixture(scope="module")
+def batches(shapes_root, model) -> dict:
+    return _make_batches(shapes_root, model)
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +184,10 @@ def two_ranks(batches, tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(batches) -> dict:
+def one_process(model, batches) -> dict:
     out = {}
     for recipe in RECIPES_UNDER_TEST:
-        model, objective, params = _build(recipe, batches["root"], batches["mean_states"], False)
+        objective, params = _setup(model, recipe, batches["root"], batches["mean_states"], False)
         out[recipe] = _loss_and_grads(model, objective, params, batches["global"])
     return out
 
@@ -228,10 +241,10 @@ def test_rank_token_weight_on_two_ranks(two_ranks):
         assert got == pytest.approx(expected), (counts, got)
 
 
-def test_gather_without_process_group_changes_nothing(batches):
+def test_gather_without_process_group_changes_nothing(model, batches):
     """One process: gather=True is the plain objective (weight exactly 1)."""
     assert float(rank_token_weight(torch.tensor(7))) == 1.0
-    model, objective, params = _build("align-cg", batches["root"], batches["mean_states"], False)
+    objective, params = _setup(model, "align-cg", batches["root"], batches["mean_states"], False)
     plain = _loss_and_grads(model, objective, params, batches["halves"][1])
     objective.gather = True
     gathered = _loss_and_grads(model, objective, params, batches["halves"][1])
