@@ -79,6 +79,7 @@ class TextStateCache:
     def states(self, model: VLM, texts: list[str]) -> Tensor:
         """[N, D] raw states for `texts`, computing the ones not seen before."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._states]
+        todo.sort(key=len)  # batches of similar length: little padding
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
             for t, s in zip(chunk, model.text_states(chunk).cpu(), strict=True):

@@ -508,6 +508,18 @@ def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[in
     return n - n_val - n_test, n_val, n_test
 
 
+def _split_indices(n: int, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
+    """Example indices per split (sorted), drawn from their own seeded shuffle."""
+    _, n_val, n_test = _split_counts(n, val_fraction, test_fraction)
+    order = list(range(n))
+    random.Random(f"{seed}-split").shuffle(order)
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test:n_test + n_val]),
+        "train": sorted(order[n_test + n_val:]),
+    }
+
+
 def _jsonl_line(ex: ShapesExample, image_rel: str) -> str:
     record = {
         "id": ex.id,
@@ -535,7 +547,9 @@ def write_shapes(
     line: id, image (relative to out_dir), caption (= short caption), short_caption,
     long_caption, objects, negatives), SugarCrepe files `sugarcrepe/{category}.json` for
     the test split and `sugarcrepe_val/{category}.json` for val (dict id -> {filename,
-    caption, negative_caption}, filename relative to out_dir), and `meta.json`.
+    caption, negative_caption}, filename relative to out_dir), instruction data
+    `instruct_{split}.json` (LLaVA conversations) and `mcq_{split}.json` (ScienceQA-style
+    multiple choice; see `instruct.py`), and `meta.json`.
     Splits share no scene or short caption. Same arguments -> byte-identical files.
     Existing files of those names are overwritten; other files are left alone.
     """
@@ -543,13 +557,7 @@ def write_shapes(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     examples = generate_shapes(n, seed, image_size)
-    order = list(range(n))
-    random.Random(f"{seed}-split").shuffle(order)
-    splits = {
-        "test": sorted(order[:n_test]),
-        "val": sorted(order[n_test:n_test + n_val]),
-        "train": sorted(order[n_test + n_val:]),
-    }
+    splits = _split_indices(n, seed, val_fraction, test_fraction)
     for ex in examples:
         render_scene(ex.scene).save(out / "images" / f"{ex.id}.png", format="PNG", compress_level=1)
     sugarcrepe_counts: dict[str, dict[str, int]] = {}
@@ -573,6 +581,7 @@ def write_shapes(
                 json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
             )
         sugarcrepe_counts[folder] = counts
+    _write_instruct(out, examples, splits, seed)
     objects_per_scene = {str(k): 0 for k in (1, 2, 3)}
     for ex in examples:
         objects_per_scene[str(len(ex.scene.objects))] += 1
@@ -596,9 +605,19 @@ def write_shapes(
     return meta
 
 
+def _write_instruct(out: Path, examples: list[ShapesExample], splits: dict[str, list[int]], seed: int) -> None:
+    # imported here: instruct.py builds on this module's scene types
+    from .instruct import write_instruct_files
+
+    write_instruct_files(
+        out, {split: [(examples[i].id, examples[i].scene) for i in idx] for split, idx in splits.items()}, seed
+    )
+
+
 def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1,
                   test_fraction: float = 0.1, image_size: int = BASE_SIZE) -> dict:
-    """`write_shapes` unless `out_dir/meta.json` already records the same arguments."""
+    """`write_shapes` unless `out_dir/meta.json` already records the same arguments (then
+    only the instruction files are written, if absent: data from before they existed)."""
     meta_path = Path(out_dir) / "meta.json"
     if meta_path.is_file():
         try:
@@ -608,5 +627,12 @@ def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: floa
         wanted = {"n": n, "seed": seed, "image_size": image_size,
                   "val_fraction": val_fraction, "test_fraction": test_fraction}
         if all(meta.get(k) == v for k, v in wanted.items()):
+            from .instruct import INSTRUCT_FILES
+
+            out = Path(out_dir)
+            if not all((out / name).is_file() for name in INSTRUCT_FILES):
+                # written before instruction data existed: add it, leave the rest alone
+                examples = generate_shapes(n, seed, image_size)
+                _write_instruct(out, examples, _split_indices(n, seed, val_fraction, test_fraction), seed)
             return meta
     return write_shapes(out_dir, n, seed, val_fraction, test_fraction, image_size)
