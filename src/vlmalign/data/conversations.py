@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlmalign.data.collate import IGNORE_INDEX
-from vlmalign.data.images import BadImageError, load_image
+from vlmalign.data.formats import check_image
+from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 
@@ -220,15 +221,8 @@ def _parse_conversation(
     else:
         p = Path(image_field).expanduser()
         image = (p if p.is_absolute() else root / p).resolve()
-        if not image.is_file():
-            report.skip("missing_image", where, f"image file {image} not found (set image_root)")
+        if not check_image(image, where, report, check_images):
             return None
-        if check_images:
-            try:
-                load_image(image)
-            except BadImageError as err:
-                report.skip("bad_image", where, err.reason)
-                return None
         if markers[0] == 0:
             turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
             if isinstance(report, ConversationLoadReport):

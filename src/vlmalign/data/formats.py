@@ -40,7 +40,7 @@ def _resolve_image(image: str, root: Path) -> Path:
     return (p if p.is_absolute() else root / p).resolve()
 
 
-def _check_image(
+def check_image(
     image_path: Path, where: str, report: LoadReport, check_images: bool
 ) -> bool:
     """True if the image is usable; otherwise records the skip and returns False."""
@@ -137,7 +137,7 @@ def _parse_caption_record(
         report.skip("empty_caption", where, f"{key!r} is empty")
         return None
     image_path = _resolve_image(rec["image"], root)
-    if not _check_image(image_path, where, report, check_images):
+    if not check_image(image_path, where, report, check_images):
         return None
     known = {"id", "image", caption_field, *CAPTION_KEYS}
     return Sample(
@@ -238,7 +238,7 @@ def _parse_sugarcrepe_record(
         looked = " or ".join(str(p) for p in dict.fromkeys(candidates))
         report.skip("missing_image", where, f"image file not found at {looked} (set image_root)")
         return None
-    if not _check_image(image_path, where, report, check_images):
+    if not check_image(image_path, where, report, check_images):
         return None
     category = rec.get("category", default_category)
     return CompositionalItem(
