@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlmalign.data.collate import IGNORE_INDEX
-from vlmalign.data.formats import check_image
+from vlmalign.data.formats import check_image, require_strings
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
@@ -153,13 +153,8 @@ def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, st
         if not isinstance(turn, dict):
             report.skip("not_an_object", where, f"turn {k} is a {type(turn).__name__}, not an object")
             return None
-        for key in ("from", "value"):
-            if key not in turn:
-                report.skip("missing_key", where, f"turn {k} has no {key!r} key")
-                return None
-            if not isinstance(turn[key], str):
-                report.skip("wrong_type", where, f"turn {k}: {key!r} must be a string, got {type(turn[key]).__name__}")
-                return None
+        if not require_strings(turn, ("from", "value"), where, report, what=f"turn {k}: "):
+            return None
         role = ROLES.get(turn["from"].strip().lower())
         if role is None:
             report.skip("unknown_role", where, f"turn {k} is from {turn['from']!r}; known: human, gpt")

