@@ -59,6 +59,22 @@ class LLMConfig:
     trust_remote_code: bool = False
     # Frozen in the alignment stage (LLaVA stage 1, CG-VLM, Ak et al.).
     frozen: bool = True
+    # Recompute activations in the backward pass (less memory, ~30% more compute) when
+    # the LLM trains; transformers' gradient_checkpointing_enable.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    # LoRA adapters on the LLM through peft, for recipes that train the LLM (instruct,
+    # discriminative). r=16, alpha=16 on all linear layers is VladVA's setting.
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    # peft target_modules: ["all-linear"] (every linear layer but the LM head) or names
+    # such as ["q_proj", "v_proj"].
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
@@ -76,6 +92,9 @@ class EmbeddingConfig:
     centre: bool = True
     # How many training captions estimate the mean state.
     centre_samples: int = 512
+    # VladVA / Ak et al.: learned prompt embeddings (separate for images and texts),
+    # initialised from the token embeddings of the handcrafted prompts above.
+    soft_prompts: bool = False
 
 
 @dataclass
@@ -117,6 +136,23 @@ class DataConfig:
     max_caption_tokens: int = 64
     # Evaluate on at most this many pairs (0: all).
     eval_max_samples: int = 0
+    # Train on a seeded random subset of this share of the training records (CG-VLM's
+    # data-efficiency experiment); the same fraction_seed gives the same subset.
+    data_fraction: float = 1.0
+    fraction_seed: int = 0
+    # Conversations (instruct recipe): tokens per sequence, visual tokens included.
+    max_conversation_tokens: int = 256
+    # discriminative recipe (VladVA): captions shorter than short_max_tokens train the
+    # contrastive loss, captions of long_min_tokens..long_max_tokens the next-token loss.
+    short_field: str = "short_caption"
+    long_field: str = "long_caption"
+    short_max_tokens: int = 30
+    long_min_tokens: int = 30
+    long_max_tokens: int = 500
+    # Abort (before training) when more than this share of records was skipped as bad.
+    max_skip_fraction: float = 0.5
+    # Image paths in data files must stay inside the data root unless this is on.
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -153,6 +189,12 @@ class TrainConfig:
     mixed_precision: str = "no"
     # Evaluate on the held-out split after training.
     eval_at_end: bool = True
+    # Load trainable weights (projector, centring mean) from this checkpoint before
+    # training: how `instruct` starts from an alignment run.
+    init_from: str = ""
+    # A step with a non-finite loss or gradient is skipped and counted; this many in a row
+    # abort the run.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -161,6 +203,7 @@ class Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
