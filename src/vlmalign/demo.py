@@ -21,7 +21,8 @@ from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, eva
 from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
-from vlmalign.train.trainer import TrainData, train
+from vlmalign.train.datasets import TrainData
+from vlmalign.train.trainer import train
 
 console = Console()
 
@@ -55,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     initial = copy.deepcopy(model.projector.state_dict())
     t = time.perf_counter()
     text_cache = TextStateCache()
-    train_data = TrainData.prepare(model, base, text_cache)
+    train_data = TrainData.prepare(model, base, "captions", text_cache)
     eval_data = EvalData.prepare(model, base)
     console.print(f"tower features for {len(train_data.samples)} train + {len(eval_data.images)} eval images in {time.perf_counter() - t:.1f} s")
 

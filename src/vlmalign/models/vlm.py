@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from vlmalign import losses
 from vlmalign.config import Config, load_config
 from vlmalign.models.language import IMAGE_TOKEN, load_llm
+from vlmalign.models.lora import add_lora, is_lora, lora_parameters
 from vlmalign.models.projector import build_projector
 from vlmalign.models.prompts import expand_image_tokens, render_prompt
 from vlmalign.models.vision import build_vision_tower
@@ -85,6 +86,8 @@ class VLM(nn.Module):
         """Build every part from the config: tower, LLM (+ tokenizer), fresh projector."""
         vision = build_vision_tower(cfg.vision)
         llm, tokenizer = load_llm(cfg.llm)
+        if cfg.lora.enabled:
+            llm = add_lora(llm, cfg.lora)
         hidden = llm.get_input_embeddings().embedding_dim
         projector = build_projector(cfg.projector, vision.hidden_size, hidden, vision.grid)
         return cls(cfg, vision, projector, llm, tokenizer)
@@ -170,6 +173,20 @@ class VLM(nn.Module):
 
     def llm_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.llm.parameters())
+
+    def unfreeze(self, part: str) -> None:
+        """Make one part trainable: "projector", "vision", or "llm" (its LoRA adapters
+        only when the LLM carries them, else every weight)."""
+        if part not in ("projector", "vision", "llm"):
+            raise ValueError(f"unknown model part {part!r}; parts: projector, vision, llm")
+        if part == "llm" and is_lora(self.llm):
+            for p in lora_parameters(self.llm):
+                p.requires_grad_(True)
+        else:
+            getattr(self, part).requires_grad_(True)
+        if part == "llm" and self.cfg.llm.gradient_checkpointing:
+            # Non-reentrant: works when the inputs (spliced embeddings) need no grad.
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def ntp(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor) -> dict[str, Tensor]:
         """Next-token loss on label positions (LM head applied there only)."""

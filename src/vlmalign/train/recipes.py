@@ -21,6 +21,12 @@ class Recipe:
     trains: tuple[str, ...]
     # Config file under configs/ that holds its losses and defaults.
     config: str
+    # Training data: "captions" (image-caption pairs), "conversations" (LLaVA
+    # instruction data) or "short_long" (short and long captions, VladVA).
+    data: str = "captions"
+    # What the end-of-training evaluation measures: "retrieval" (retrieval,
+    # compositionality, held-out NTP, modality gap) and/or "mcq" (multiple choice).
+    evals: tuple[str, ...] = ("retrieval",)
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -33,13 +39,21 @@ def _add(recipe: Recipe) -> None:
 _add(Recipe("align", "LLaVA stage 1 (Liu et al. 2023)", ("projector",), "align.yaml"))
 _add(Recipe("align-cg", "CG-VLM (Liu et al. 2023, arXiv 2311.17945)", ("projector",), "align-cg.yaml"))
 _add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",), "align-clip.yaml"))
+_add(Recipe("instruct", "LLaVA stage 2 (Liu et al. 2023) / CG-VLM", ("projector", "llm"), "instruct.yaml",
+            data="conversations", evals=("mcq",)))
 
 
 def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
     """Freeze everything, then unfreeze the parts the recipe trains; log and return them."""
+    cfg = model.cfg
+    if "llm" in recipe.trains and cfg.llm.frozen and not cfg.lora.enabled:
+        raise ValueError(
+            f"recipe {recipe.name} trains the LLM, but llm.frozen=true and lora.enabled=false: "
+            "set llm.frozen=false (full fine-tuning) or lora.enabled=true (LoRA adapters)"
+        )
     model.requires_grad_(False)
     for part in recipe.trains:
-        getattr(model, part).requires_grad_(True)
+        model.unfreeze(part)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("recipe %s trains %s (%.2fM parameters); everything else frozen", recipe.name, ", ".join(recipe.trains), n / 1e6)
     return list(recipe.trains)

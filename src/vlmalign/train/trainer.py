@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,16 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from vlmalign import cache
 from vlmalign.config import Config
-from vlmalign.data.collate import CaptionCollator, CaptionDataset
-from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.sampler import LengthGroupedBatchSampler
-from vlmalign.data.splits import train_samples
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
 from vlmalign.train import checkpoint
 from vlmalign.train.checkpoint import TrainingState
+from vlmalign.train.datasets import TrainData, build_trainset
 from vlmalign.train.recipes import RECIPES, apply_recipe
 
 log = logging.getLogger(__name__)
@@ -40,32 +37,6 @@ console = Console()
 
 # Batches per length-sorted mega-batch when train.group_by_length is on.
 LENGTH_GROUP = 8
-
-
-@dataclass
-class TrainData:
-    """Training samples with what can be computed once: tower features (frozen tower) and
-    a text-state cache (frozen text path)."""
-
-    samples: list[Sample]
-    features: torch.Tensor | None
-    text_cache: cache.TextStateCache
-    report: LoadReport = field(default_factory=LoadReport)
-
-    @classmethod
-    def prepare(cls, model: VLM, cfg: Config, text_cache: cache.TextStateCache | None = None) -> TrainData:
-        report = LoadReport()
-        samples = train_samples(cfg.data, report)
-        features = None
-        if cfg.train.cache_vision_features and cfg.vision.frozen:
-            t = time.perf_counter()
-            features, samples = cache.tower_features(model, samples, report=report)
-            log.info("cached tower features for %d images in %.1f s", len(samples), time.perf_counter() - t)
-        if report.total_skipped():
-            console.print(f"[yellow]data: {report.summary()}")
-        if not samples:
-            raise ValueError(f"no usable training samples in {cfg.data.root}")
-        return cls(samples, features, text_cache if text_cache is not None else cache.TextStateCache(), report)
 
 
 @dataclass
@@ -89,34 +60,12 @@ class TrainStep(nn.Module):
         return self.objective(self.model, batch)
 
 
-def text_path_frozen(model: VLM) -> bool:
-    """Whether nothing in the LLM trains (text states can then be cached once)."""
-    return not any(p.requires_grad for p in model.llm.parameters())
-
-
-def prepare_text_states(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> torch.Tensor | None:
-    """Cached prompted text states of the training captions when the contrastive loss needs
-    them ([N, D], or None); estimates the centring mean once (a resumed run has it back
-    with its weights, and a model reused across recipes keeps its own)."""
-    need_mean = cfg.embedding.centre and not bool(model.embed_mean_ready)
-    states = None
-    if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and text_path_frozen(model):
-        states = data.text_cache.states(model, [s.caption for s in data.samples])  # [N, D]
-    if need_mean:
-        if states is None:
-            raise ValueError("embedding.centre needs train.cache_text_embeddings=true with a frozen text path")
-        model.set_embedding_mean(states[: cfg.embedding.centre_samples])
-    return states if objective.uses_embeddings else None
-
-
-def batch_sampler(collator: CaptionCollator, samples: list[Sample], cfg: Config) -> LengthGroupedBatchSampler:
+def batch_sampler(lengths: list[int], cfg: Config) -> LengthGroupedBatchSampler:
     """Shuffled batches whose order depends only on (seed, epoch), so resume can skip into
     an epoch: length-grouped (train.group_by_length) or plain (group of 1, equal lengths)."""
     tc = cfg.train
     if not tc.group_by_length:
-        return LengthGroupedBatchSampler([0] * len(samples), tc.batch_size, seed=tc.seed, group=1)
-    lengths = [len(collator.caption_ids(s.caption)) for s in samples]
-    collator.truncated = 0
+        return LengthGroupedBatchSampler([0] * len(lengths), tc.batch_size, seed=tc.seed, group=1)
     return LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed, group=LENGTH_GROUP)
 
 
@@ -148,18 +97,20 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         if changed := checkpoint.config_changes(resume_from, cfg):
             console.print(f"[yellow]resume: config differs from {resume_from} in {', '.join(changed)}; the run will not match an uninterrupted one")
         checkpoint.load_weights(resume_from, model, objective)
+    elif tc.init_from:
+        model.load_trainable(tc.init_from)
+        console.print(f"initialised trainable weights from {tc.init_from}")
     if data is None:
-        data = TrainData.prepare(model, cfg)
-    text_states = prepare_text_states(model, objective, data, cfg)
-
-    dataset = CaptionDataset(data.samples, data.features, text_states, model.preprocess)
-    collator = CaptionCollator(
-        model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens
-    )
-    sampler = batch_sampler(collator, data.samples, cfg)
+        data = TrainData.prepare(model, cfg, recipe.data)
+    elif data.kind != recipe.data:
+        raise ValueError(f"recipe {recipe.name} trains on {recipe.data!r} data, got {data.kind!r}")
+    # WIRE: data.report.check_skip_fraction(cfg.data.max_skip_fraction, "training records")
+    trainset = build_trainset(model, objective, data, cfg)
+    dataset = trainset.dataset
+    sampler = batch_sampler(trainset.lengths, cfg)
     # A private generator: the loader draws a seed from it each epoch, which would
     # otherwise shift the global torch RNG between an interrupted run and its resumption.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(tc.seed))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainset.collator, generator=torch.Generator().manual_seed(tc.seed))
     step_module = TrainStep(model, objective)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -237,9 +188,9 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
                 break
         else:  # the epoch ran out (not a break at max_steps)
             state.epoch, state.batches_done = state.epoch + 1, 0
-    if collator.truncated:
-        console.print(f"[yellow]data: {collator.truncated} captions truncated to {cfg.data.max_caption_tokens} tokens")
-    final = save({"skipped": data.report.as_dict(), "truncated": collator.truncated})
+    if truncated := trainset.truncated():
+        console.print(f"[yellow]data: {truncated} training sequences truncated to the length limit")
+    final = save({"skipped": data.report.as_dict(), "truncated": truncated})
     if accelerator.is_main_process:
         (out_dir / "latest.tmp").write_text(final.name)
         os.replace(out_dir / "latest.tmp", out_dir / "latest")

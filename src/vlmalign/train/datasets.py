@@ -1,0 +1,158 @@
+"""What a recipe trains on: the records of its data kind, the work done on them once, and
+the dataset + collator the loop iterates.
+
+A recipe names its data kind (`Recipe.data`); each kind is one entry in `DATA_KINDS`
+holding two functions: `load` (records from the config's files) and `build` (a `TrainSet`
+from the prepared records). Kinds:
+
+- `captions`: image-caption pairs (`[<image> x Q] caption <eos>`, data/collate.py);
+- `conversations`: LLaVA instruction conversations, loss on assistant turns
+  (data/conversations.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from torch.utils.data import Dataset
+
+from vlmalign import cache
+from vlmalign.config import Config
+from vlmalign.data.collate import CaptionCollator, CaptionDataset
+from vlmalign.data.conversations import (
+    ConversationCollator,
+    ConversationDataset,
+    ConversationLoadReport,
+)
+from vlmalign.data.sample import LoadReport, Sample
+from vlmalign.data.splits import subsample, train_conversations, train_samples
+from vlmalign.models.registry import Registry
+from vlmalign.models.vlm import VLM
+from vlmalign.objective import Objective
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+@dataclass
+class TrainData:
+    """A recipe's training records with what is computed once: tower features (frozen
+    tower; rows align with `records`) and a text-state cache (frozen text path). Shared by
+    several recipes trained on the same backbone (the demo)."""
+
+    kind: str
+    records: list  # Samples or Conversations
+    features: torch.Tensor | None
+    text_cache: cache.TextStateCache
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def samples(self) -> list:
+        return self.records
+
+    @classmethod
+    def prepare(
+        cls, model: VLM, cfg: Config, kind: str = "captions", text_cache: cache.TextStateCache | None = None
+    ) -> TrainData:
+        """Load the kind's records (subsampled to `data.data_fraction`), cache tower
+        features of their images when the tower is frozen, count what was skipped."""
+        loader = DATA_KINDS.get(kind)
+        report = ConversationLoadReport() if kind == "conversations" else LoadReport()
+        records = loader.load(cfg, report)
+        if cfg.data.data_fraction < 1.0:
+            n = len(records)
+            records = subsample(records, cfg.data.data_fraction, cfg.data.fraction_seed)
+            console.print(f"data: a {cfg.data.data_fraction:g} fraction: {len(records)} of {n} records (seed {cfg.data.fraction_seed})")
+        features = None
+        if cfg.train.cache_vision_features and cfg.vision.frozen:
+            t = time.perf_counter()
+            probes = [Sample(id=str(i), image=r.image) for i, r in enumerate(records)]
+            features, kept = cache.tower_features(model, probes, report=report)
+            records = [records[int(p.id)] for p in kept]
+            log.info("cached tower features for %d images in %.1f s", len(records), time.perf_counter() - t)
+        if report.total_skipped():
+            console.print(f"[yellow]data: {report.summary()}")
+        if not records:
+            raise ValueError(f"no usable training records of kind {kind!r} under {cfg.data.root}")
+        return cls(kind, records, features, text_cache if text_cache is not None else cache.TextStateCache(), report)
+
+
+@dataclass
+class TrainSet:
+    """What the loop iterates: a map-style dataset, its collator, and the token length of
+    each item (for length-grouped batches)."""
+
+    dataset: Dataset
+    collator: Callable[[list[dict]], dict]
+    lengths: list[int]
+    truncated: Callable[[], int]  # items cut to the length limit so far
+
+
+@dataclass(frozen=True)
+class DataKind:
+    load: Callable[[Config, LoadReport], list]
+    build: Callable[[VLM, Objective, TrainData, Config], TrainSet]
+
+
+DATA_KINDS: Registry[DataKind] = Registry("training data kind")
+
+
+def text_path_frozen(model: VLM) -> bool:
+    """Whether nothing in the LLM trains (text states can then be cached once)."""
+    return model.llm_frozen()
+
+
+def prepare_text_states(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> torch.Tensor | None:
+    """Cached prompted text states of the training captions when the contrastive loss needs
+    them ([N, D], or None); estimates the centring mean once (a resumed run has it back
+    with its weights, and a model reused across recipes keeps its own)."""
+    need_mean = cfg.embedding.centre and not bool(model.embed_mean_ready)
+    states = None
+    if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and text_path_frozen(model):
+        states = data.text_cache.states(model, [s.caption for s in data.records])  # [N, D]
+    if need_mean:
+        if states is None:
+            with torch.no_grad():
+                states = torch.cat([model.text_states([s.caption for s in data.records[i : i + 64]])
+                                    for i in range(0, min(len(data.records), cfg.embedding.centre_samples), 64)])
+        model.set_embedding_mean(states[: cfg.embedding.centre_samples])
+    return states if objective.uses_embeddings and text_path_frozen(model) else None
+
+
+def _build_captions(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
+    text_states = prepare_text_states(model, objective, data, cfg)
+    dataset = CaptionDataset(data.records, data.features, text_states, model.preprocess)
+    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
+    lengths = [len(collator.caption_ids(s.caption)) for s in data.records]
+    collator.truncated = 0  # counted again while training
+    return TrainSet(dataset, collator, lengths, lambda: collator.truncated)
+
+
+def _build_conversations(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
+    if objective.uses_embeddings or objective.uses_patch:
+        raise ValueError("conversation data trains the next-token loss only; set objective.contrastive=none and objective.patch_weight=0")
+    dataset = ConversationDataset(
+        data.records, model.tokenizer, model.image_token_id, model.num_visual_tokens,
+        cfg.data.max_conversation_tokens, features=data.features, preprocess=model.preprocess, report=data.report,
+    )
+    if len(dataset) == 0:
+        raise ValueError(f"no trainable conversations: {data.report.summary()}")
+    lengths = [len(e.input_ids) for e in dataset.encoded]
+    n_truncated = sum(e.truncated for e in dataset.encoded)
+    return TrainSet(dataset, ConversationCollator(model.tokenizer), lengths, lambda: n_truncated)
+
+
+DATA_KINDS.register("captions")(DataKind(lambda cfg, report: train_samples(cfg.data, report), _build_captions))
+DATA_KINDS.register("conversations")(
+    DataKind(lambda cfg, report: train_conversations(cfg.data, report), _build_conversations)
+)
+
+
+def build_trainset(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
+    """The dataset, collator and lengths for `data.kind`."""
+    return DATA_KINDS.get(data.kind).build(model, objective, data, cfg)
