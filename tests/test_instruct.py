@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlmalign.data.images import load_image
 from vlmalign.data.splits import subsample
 from vlmalign.models.vlm import VLM
 from vlmalign.train.datasets import TrainData
@@ -83,3 +84,50 @@ def test_conversation_data_rejects_contrastive_losses(tiny_cfg):
     cfg = tiny_cfg("instruct", QA, "objective.contrastive=clip", "train.max_steps=1")
     with pytest.raises(ValueError, match="next-token loss only"):
         train(cfg)
+
+
+def test_cli_data_check_prints_trained_spans_and_passes(shapes_root, capsys):
+    from vlmalign.cli import main
+
+    from .conftest import TINY
+
+    rc = main(["data", "check", "instruct", *TINY, f"data.root={shapes_root}", QA, "--show", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "trained tokens:" in out and "[[" in out and "zero trained tokens: none" in out
+
+
+def test_cli_data_check_fails_when_no_assistant_token_fits(shapes_root, capsys):
+    from vlmalign.cli import main
+
+    from .conftest import TINY
+
+    # 4 visual tokens + the prompt leave no room for the answer in 12 tokens.
+    rc = main(["data", "check", "instruct", *TINY, f"data.root={shapes_root}", QA, "data.max_conversation_tokens=12"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "ZERO trained tokens" in out
+
+
+def test_chat_session_keeps_history_and_matches_generate(tiny_cfg, shapes_root):
+    from vlmalign.inference import ChatSession, load_checkpoint
+
+    result = train(tiny_cfg("instruct", QA, "train.max_steps=1"))
+    model = load_checkpoint(result.checkpoint.parent)  # the run folder: its latest checkpoint
+    image = next((shapes_root / "images").glob("*.png"))
+    chat = ChatSession(model, image, max_new_tokens=5)
+    first = chat.prompt("What colour is the circle?")
+    assert first.count("<image>") == 1
+    answer = chat.ask("What colour is the circle?")
+    pixels = model.preprocess([load_image(image)])
+    assert answer == model.generate(pixel_values=pixels, prompt=first, max_new_tokens=5)[0]
+    follow = chat.prompt("And its size?")
+    assert follow.count("<image>") == 1 and "What colour is the circle?" in follow and answer in follow
+
+
+def test_cli_chat_one_shot(tiny_cfg, shapes_root, capsys):
+    from vlmalign.cli import main
+
+    result = train(tiny_cfg("instruct", QA, "train.max_steps=1"))
+    image = next((shapes_root / "images").glob("*.png"))
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(result.checkpoint), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0

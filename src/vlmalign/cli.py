@@ -1,9 +1,11 @@
-"""Command line: vlmalign train | eval | data | demo.
+"""Command line: vlmalign train | eval | data | chat | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
     vlmalign eval runs/align-cg/checkpoint-90
     vlmalign data shapes --out data/shapes --n 1280 --seed 0
+    vlmalign data check instruct data.train_file=llava_instruct.json
+    vlmalign chat --checkpoint runs/instruct --image cat.jpg --prompt "What is in the image?"
     vlmalign demo [--quick]
 """
 
@@ -13,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -52,6 +55,56 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from vlmalign.config import load_config
+    from vlmalign.data.conversations import (
+        ConversationLoadReport,
+        check_conversations,
+        format_check,
+    )
+    from vlmalign.data.splits import train_conversations
+    from vlmalign.models.vlm import VLM
+    from vlmalign.paths import recipe_config
+    from vlmalign.train.recipes import RECIPES
+
+    cfg = load_config(recipe_config(args.config), args.overrides)
+    kind = RECIPES.get(cfg.recipe).data
+    if kind != "conversations":
+        console.print(f"[red]data check[/] inspects conversation data; recipe {cfg.recipe} trains on {kind!r}")
+        return 2
+    model = VLM.build(cfg)
+    report = ConversationLoadReport()
+    convs = train_conversations(cfg.data, report)
+    if report.total_skipped() or report.repaired:
+        console.print(f"[yellow]loading: {report.summary()}")
+    check = check_conversations(convs, model.tokenizer, model.image_token_id, model.num_visual_tokens,
+                                cfg.data.max_conversation_tokens, show=args.show)
+    console.print(format_check(check), markup=False, highlight=False)
+    if check.mismatches or check.zero_label or not convs:
+        console.print("[red]data check failed:[/] fix the samples above (template mismatches, zero trained tokens) before training")
+        return 1
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from vlmalign.inference import ChatSession, load_checkpoint
+
+    session = ChatSession(load_checkpoint(args.checkpoint), args.image, max_new_tokens=args.max_new_tokens)
+    if args.prompt:
+        console.print(session.ask(args.prompt), markup=False, highlight=False)
+        return 0
+    console.print(f"chatting about {args.image}; an empty line or Ctrl-D ends")
+    while True:
+        try:
+            question = input("you> ")
+        except EOFError:
+            break
+        if not question.strip():
+            break
+        console.print(f"model> {session.ask(question)}", markup=False, highlight=False)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmalign.demo import run_demo
 
@@ -81,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1280)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_data)
+    c = dsub.add_parser("check", help="show how conversations are tokenised and which tokens train; fail on bad samples")
+    c.add_argument("config", help="recipe id (instruct) or a YAML file")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_file=llava.json")
+    c.add_argument("--show", type=int, default=3, help="samples to print with their trained spans")
+    c.set_defaults(fn=_cmd_data_check)
+
+    ch = sub.add_parser("chat", help="chat with a trained model about an image")
+    ch.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
+    ch.add_argument("--image", required=True)
+    ch.add_argument("--prompt", default="", help="ask once and exit (otherwise interactive)")
+    ch.add_argument("--max-new-tokens", type=int, default=64)
+    ch.set_defaults(fn=_cmd_chat)
 
     m = sub.add_parser("demo", help="train align, align-cg and align-clip on shapes and compare")
     m.add_argument("--quick", action="store_true", help="a ~2 minute version")
@@ -95,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls a transformers method that transformers 5 deprecates (not our call).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

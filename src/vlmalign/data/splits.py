@@ -30,7 +30,8 @@ def ensure_data(cfg: DataConfig) -> Path:
     """The data root; writes the `shapes` dataset there first when it is missing and
     `generate_shapes` is on."""
     root = Path(cfg.root)
-    if not (root / "train.jsonl").exists() and not cfg.train_file:
+    named = [_resolve(root, n.strip()) for n in cfg.train_file.split(",") if n.strip()]
+    if not (root / "train.jsonl").exists() and not (named and all(p.exists() for p in named)):
         if not cfg.generate_shapes:
             raise FileNotFoundError(
                 f"no training data: {root / 'train.jsonl'} does not exist; set data.root to a "
