@@ -92,8 +92,16 @@ class Objective(nn.Module):
         visual = model.visual_tokens(batch.get("pixel_values"), batch.get("features"))  # [B, Q, D]
         parts: dict[str, Tensor] = {}
         total = visual.new_zeros(())
+        # Row subsets (discriminative data: long captions train NTP, short ones the
+        # contrastive loss); every row otherwise.
+        ntp_rows, emb_rows = batch.get("ntp_rows"), batch.get("emb_rows")
         if c.ntp_weight > 0:
-            parts |= model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], visual)
+            if "input_ids" in batch:
+                ntp_visual = visual if ntp_rows is None else visual[ntp_rows.to(visual.device)]
+                parts |= model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual)
+            else:  # no long caption in this batch: an exact zero that keeps the graph
+                zero_tokens = torch.zeros((), dtype=torch.long, device=visual.device)
+                parts |= {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": zero_tokens}
             if self.gather:
                 # [Contract] model.ntp returns S_r / N_r; make it W * S_r / N (rank_token_weight).
                 parts["ntp_loss"] = parts["ntp_loss"] * rank_token_weight(parts["ntp_tokens"])
@@ -106,7 +114,8 @@ class Objective(nn.Module):
             )
             total = total + c.patch_weight * parts["patch_loss"]
         if self.uses_embeddings:
-            image_emb = model.finish_embedding(model.image_states(visual))
+            emb_visual = visual if emb_rows is None else visual[emb_rows.to(visual.device)]
+            image_emb = model.finish_embedding(model.image_states(emb_visual))
             states = batch.get("text_states")
             if states is None:
                 states = model.text_states(batch["captions"])

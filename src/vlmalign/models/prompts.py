@@ -1,4 +1,4 @@
-"""Handcrafted prompts for prompted last-token embeddings (E5-V; Ak et al.; VladVA).
+"""Handcrafted and soft prompts for prompted last-token embeddings (E5-V; Ak et al.; VladVA).
 
 A prompt template holds `<image>` (where the visual tokens go) or `<sent>` (where the text
 goes), and is wrapped in the tokenizer's chat template as a user turn followed by the
@@ -7,6 +7,10 @@ generation prompt, so the last token is the one that would start the answer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 SENTENCE_MARK = "<sent>"
@@ -38,3 +42,62 @@ def expand_image_tokens(ids: list[int], image_token_id: int, num_tokens: int) ->
         )
     at = ids.index(image_token_id)
     return ids[:at] + [image_token_id] * num_tokens + ids[at + 1 :]
+
+
+PLACEHOLDER = "\x00"  # stands for the image / sentence while rendering the chat template
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt cut into token pieces: chat scaffolding `head`, the template's own text
+    `before` and `after` the placeholder (what soft prompts replace), and scaffolding `tail`
+    (end of turn, generation prompt). Pieces are tokenised separately, so the template's
+    tokens are the same for every image or sentence put in the middle."""
+
+    head: tuple[int, ...]
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+    tail: tuple[int, ...]
+
+    @classmethod
+    def build(cls, tokenizer: PreTrainedTokenizerBase, template: str, placeholder: str, chat_template: bool) -> PromptTemplate:
+        """Split `template` at `placeholder` ("<image>" or "<sent>") and wrap it in the chat
+        template (as `render_prompt` does)."""
+        if template.count(placeholder) != 1:
+            raise ValueError(f"the prompt {template!r} must hold {placeholder} exactly once")
+        before, after = template.split(placeholder)
+        scaffold = render_prompt(tokenizer, PLACEHOLDER, chat_template)
+        head, tail = scaffold.split(PLACEHOLDER)
+
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer(text, add_special_tokens=False).input_ids) if text else ()
+
+        return cls(ids(head), ids(before), ids(after), ids(tail))
+
+    def ids(self, middle: list[int]) -> tuple[list[int], list[bool]]:
+        """Token ids of the whole prompt around `middle`, and which positions hold the
+        template's own text (`before` and `after`)."""
+        ids = [*self.head, *self.before, *middle, *self.after, *self.tail]
+        soft = [False] * len(self.head) + [True] * len(self.before) + [False] * len(middle)
+        soft += [True] * len(self.after) + [False] * len(self.tail)
+        return ids, soft
+
+
+class SoftPrompt(nn.Module):
+    """Learned embeddings for the template text of one prompt (VladVA; Ak et al.),
+    initialised from the token embeddings of the handcrafted prompt and inserted where its
+    tokens would be. `vectors` [n_before + n_after, D]."""
+
+    def __init__(self, template: PromptTemplate, embedding: nn.Embedding) -> None:
+        super().__init__()
+        ids = torch.tensor([*template.before, *template.after], dtype=torch.long)
+        with torch.no_grad():
+            init = embedding(ids.to(embedding.weight.device)).detach().clone()
+        self.vectors = nn.Parameter(init.float())  # [n, D]
+
+    def scatter(self, embeds: Tensor, soft_mask: Tensor) -> Tensor:
+        """Put the vectors at the True positions of `soft_mask` [B, T] (each row holds
+        exactly n of them, in order) of `embeds` [B, T, D]."""
+        b = embeds.shape[0]
+        values = self.vectors.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # [B, n, D]
+        return embeds.masked_scatter(soft_mask.unsqueeze(-1), values)

@@ -28,7 +28,7 @@ from vlmalign.config import Config, load_config
 from vlmalign.models.language import IMAGE_TOKEN, load_llm
 from vlmalign.models.lora import add_lora, is_lora, lora_parameters
 from vlmalign.models.projector import build_projector
-from vlmalign.models.prompts import expand_image_tokens, render_prompt
+from vlmalign.models.prompts import SENTENCE_MARK, PromptTemplate, SoftPrompt, expand_image_tokens
 from vlmalign.models.vision import build_vision_tower
 
 log = logging.getLogger(__name__)
@@ -104,20 +104,30 @@ class VLM(nn.Module):
         return next(self.projector.parameters()).device
 
     def set_config(self, cfg: Config) -> None:
-        """Adopt `cfg` (e.g. another recipe on the same backbone): rebuild the prompt ids
-        and their cached prefixes from its embedding settings."""
+        """Adopt `cfg` (e.g. another recipe on the same backbone): rebuild the prompt
+        templates, their cached prefixes and (when enabled) the soft prompts."""
         self.cfg = cfg
-        tokenizer = self.tokenizer
-        prompt = render_prompt(tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        self.image_prompt_ids = expand_image_tokens(ids, self.image_token_id, self.projector.num_tokens)
-        # Prompt text before the image / the sentence: the same for every sample, so with a
-        # frozen LLM its keys and values are computed once and reused (PromptPrefix).
-        at = self.image_prompt_ids.index(self.image_token_id)
-        self._image_prefix = PromptPrefix(self.image_prompt_ids[:at])
-        head = render_prompt(tokenizer, cfg.embedding.text_prompt, cfg.embedding.chat_template, "\x00")
-        head = head.split("\x00")[0]
-        self._text_prefix = PromptPrefix(tokenizer(head, add_special_tokens=False).input_ids if head else [])
+        e, tok = cfg.embedding, self.tokenizer
+        self.image_template = PromptTemplate.build(tok, e.image_prompt, IMAGE_TOKEN, e.chat_template)
+        self.text_template = PromptTemplate.build(tok, e.text_prompt, SENTENCE_MARK, e.chat_template)
+        table = self.llm.get_input_embeddings()
+        for name, template in (("image_soft", self.image_template), ("text_soft", self.text_template)):
+            current = getattr(self, name, None)
+            n = len(template.before) + len(template.after)
+            if not e.soft_prompts:
+                current = None
+            elif current is None or current.vectors.shape[0] != n:
+                current = SoftPrompt(template, table).to(self.projector_device())
+            setattr(self, name, current)
+        # The scaffolding (and the template text unless it is soft) before the image / the
+        # sentence is the same for every sample: with a frozen LLM its keys and values are
+        # computed once and reused (PromptPrefix).
+        self._image_prefix = PromptPrefix(self._prefix_ids(self.image_template, self.image_soft))
+        self._text_prefix = PromptPrefix(self._prefix_ids(self.text_template, self.text_soft))
+
+    @staticmethod
+    def _prefix_ids(template: PromptTemplate, soft: SoftPrompt | None) -> list[int]:
+        return list(template.head) + ([] if soft is not None else list(template.before))
 
     # ----------------------------------------------------------------- vision
     def preprocess(self, images: list[Image.Image]) -> Tensor:
@@ -162,9 +172,13 @@ class VLM(nn.Module):
         With `prefix`, the sequence continues the prefix's cached keys/values (exact: the
         same numbers as running the prefix tokens in front, without recomputing them)."""
         embeds = self.splice(input_ids, visual) if visual is not None else self.input_embeddings(input_ids)
+        return self.decode(embeds, attention_mask, prefix)
+
+    def decode(self, embeds: Tensor, attention_mask: Tensor, prefix: PromptPrefix | None = None) -> Tensor:
+        """The LLM decoder on input embeddings [B, T, D] -> final hidden states [B, T, D]."""
         kwargs: dict = {"use_cache": False}
         if prefix is not None and len(prefix.ids):
-            b = input_ids.shape[0]
+            b = embeds.shape[0]
             kwargs = {"use_cache": True, "past_key_values": prefix.expand(self, b, embeds.device)}
             ones = attention_mask.new_ones(b, len(prefix.ids))
             attention_mask = torch.cat([ones, attention_mask], dim=1)
@@ -177,8 +191,13 @@ class VLM(nn.Module):
     def unfreeze(self, part: str) -> None:
         """Make one part trainable: "projector", "vision", or "llm" (its LoRA adapters
         only when the LLM carries them, else every weight)."""
-        if part not in ("projector", "vision", "llm"):
-            raise ValueError(f"unknown model part {part!r}; parts: projector, vision, llm")
+        if part not in ("projector", "vision", "llm", "soft_prompts"):
+            raise ValueError(f"unknown model part {part!r}; parts: projector, vision, llm, soft_prompts")
+        if part == "soft_prompts":
+            for soft in (self.image_soft, self.text_soft):
+                if soft is not None:
+                    soft.requires_grad_(True)
+            return
         if part == "llm" and is_lora(self.llm):
             for p in lora_parameters(self.llm):
                 p.requires_grad_(True)
@@ -196,37 +215,46 @@ class VLM(nn.Module):
         return losses.next_token_loss(hidden, labels, head.weight, head.bias, logit_softcap=softcap)
 
     # ----------------------------------------------------------------- embeddings
+    def _prompted(
+        self, template: PromptTemplate, soft: SoftPrompt | None, prefix: PromptPrefix, middles: list[list[int]]
+    ) -> tuple[Tensor, Tensor, Tensor, PromptPrefix | None]:
+        """Right-padded ids, attention mask and soft-position mask [B, T] of prompts around
+        each middle, without the cached prefix when the LLM is frozen (then also returned)."""
+        cut = len(prefix.ids) if self.llm_frozen() else 0
+        rows = [template.ids(m) for m in middles]
+        rows = [(ids[cut:], soft_mask[cut:]) for ids, soft_mask in rows]
+        t = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        dev = self.projector_device()
+        ids = torch.tensor([r + [pad] * (t - len(r)) for r, _ in rows], device=dev)
+        mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r, _ in rows], device=dev)
+        soft_mask = torch.tensor([m + [False] * (t - len(m)) for _, m in rows], device=dev)
+        return ids, mask, soft_mask, (prefix if cut else None)
+
     def image_states(self, visual: Tensor) -> Tensor:
         """Prompted last-token states [B, D] for visual tokens [B, Q, D] (all prompts share
         one length, so there is no padding)."""
         b = visual.shape[0]
-        ids = self.image_prompt_ids
-        prefix = None
-        if self.llm_frozen():
-            prefix, ids = self._image_prefix, ids[len(self._image_prefix.ids) :]
-        ids = torch.tensor(ids, device=visual.device).expand(b, -1)
-        mask = torch.ones_like(ids)
-        return self.hidden_states(ids, mask, visual, prefix)[:, -1]
+        middle = [self.image_token_id] * self.num_visual_tokens
+        ids, mask, soft_mask, prefix = self._prompted(self.image_template, self.image_soft, self._image_prefix, [middle])
+        ids, mask, soft_mask = ids.expand(b, -1), mask.expand(b, -1), soft_mask.expand(b, -1)
+        embeds = self.splice(ids, visual)  # [B, T, D]
+        if self.image_soft is not None:
+            embeds = self.image_soft.scatter(embeds, soft_mask)
+        return self.decode(embeds, mask, prefix)[:, -1]
 
     def text_states(self, texts: list[str]) -> Tensor:
-        """Prompted last-token states [B, D] of texts under the text prompt."""
-        e = self.cfg.embedding
-        prompts = [render_prompt(self.tokenizer, e.text_prompt, e.chat_template, t) for t in texts]
-        rows = self.tokenizer(prompts, add_special_tokens=False).input_ids
-        prefix = self._text_prefix
-        n = len(prefix.ids)
-        if self.llm_frozen() and n and all(r[:n] == prefix.ids for r in rows):
-            rows = [r[n:] for r in rows]
-        else:
-            prefix = None
-        t = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        dev = self.projector_device()
-        ids = torch.tensor([r + [pad] * (t - len(r)) for r in rows], device=dev)
-        mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows], device=dev)
-        hidden = self.hidden_states(ids, mask, prefix=prefix)
+        """Prompted last-token states [B, D] of texts under the text prompt (each text cut
+        to data.long_max_tokens tokens)."""
+        limit = self.cfg.data.long_max_tokens
+        middles = [ids[:limit] for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
+        ids, mask, soft_mask, prefix = self._prompted(self.text_template, self.text_soft, self._text_prefix, middles)
+        embeds = self.input_embeddings(ids)  # [B, T, D]
+        if self.text_soft is not None:
+            embeds = self.text_soft.scatter(embeds, soft_mask)
+        hidden = self.decode(embeds, mask, prefix)
         last = mask.sum(dim=1) - 1  # right padding: last real position
-        return hidden[torch.arange(len(texts), device=dev), last]
+        return hidden[torch.arange(len(texts), device=ids.device), last]
 
     def finish_embedding(self, states: Tensor) -> Tensor:
         """States [B, D] -> embeddings: subtract the mean state when centring, L2-normalise."""
@@ -308,7 +336,7 @@ class VLM(nn.Module):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         keep = {}
         for name, tensor in state.items():
-            if name.startswith("projector.") or name.startswith("embed_mean") or name in trainable:
+            if name.startswith(("projector.", "embed_mean", "image_soft.", "text_soft.")) or name in trainable or "lora_" in name:
                 keep[name] = tensor.detach().contiguous().cpu()
         return keep
 

@@ -8,19 +8,26 @@ checkpoint-{step}/
   optimizer.pt           optimizer.state_dict(): tensors and numbers only, read back with
                          torch.load(weights_only=True), so loading runs no pickled code
   rng_state.safetensors  torch CPU (and CUDA) generator states
-  trainer_state.json     step, data position, scheduler, python/numpy RNG, history;
-                         written last
+  trainer_state.json     step, data position, scheduler, python/numpy RNG, history
+  manifest.json          size and sha256 of every file above; written last
 ```
 
-A checkpoint is written into `checkpoint-{step}.tmp`, every file fsynced, then renamed, so
-an interrupted save never leaves a folder that looks complete; `find_latest` only counts
-folders that hold every file above. A resumed run reloads all of it (weights, optimizer,
-scheduler, RNG states, sampler epoch and position) and ends with the same weights, bit for
-bit on CPU, as a run that was never stopped (tests/test_resume.py).
+A checkpoint is written into `checkpoint-{step}.tmp`, its manifest last, every file
+fsynced, then renamed, so an interrupted save never leaves a folder that looks complete.
+Loading (`load_weights`, `load_training_state`) first checks every file against the
+manifest and names the one that does not match; `find_latest` (`train.resume=latest`)
+skips, with a warning, any checkpoint whose manifest is missing or does not verify (a
+save cut off mid-write, a truncated copy, bit rot). A disk that fills up during a save
+raises `DiskFullError` after removing the partial folder; earlier checkpoints are never
+touched before the new one is complete. A resumed run reloads all of it (weights,
+optimizer, scheduler, RNG states, sampler epoch and position) and ends with the same
+weights, bit for bit on CPU, as a run that was never stopped (tests/test_resume.py,
+tests/test_crash.py). Nothing is unpickled except through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmalign.config import Config, ConfigError, load_config
+from vlmalign.errors import DiskFullError, is_disk_full
 from vlmalign.models.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,11 @@ OBJECTIVE_NAME = "objective.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng_state.safetensors"
 STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "vlmalign-checkpoint-manifest/1"
 # Every file a resumable checkpoint holds (objective.safetensors only when the objective
-# has parameters). STATE_NAME is written last.
-REQUIRED = (WEIGHTS_NAME, CONFIG_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME)
+# has parameters). MANIFEST_NAME is written last.
+REQUIRED = (WEIGHTS_NAME, CONFIG_NAME, OPTIMIZER_NAME, RNG_NAME, STATE_NAME, MANIFEST_NAME)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Config keys that may change between the interrupted run and its resumption without
 # changing the trajectory (where to write, how long, how often to log or save).
@@ -55,6 +65,11 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _RESUME_FREE_KEYS = {
     "train.resume", "train.out_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_at_end",
 }
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be trusted: no manifest, or a file that does not
+    match it (missing, truncated, changed)."""
 
 
 @dataclass
@@ -111,23 +126,104 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    out_dir: str | Path,
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(directory: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX name, path) of every file under `directory`, subfolders included."""
+    return sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
+
+
+def write_manifest(directory: str | Path) -> dict[str, Any]:
+    """Write `directory/manifest.json`: the size and sha256 of every other file under the
+    folder (read back from disk, so it vouches for what was written). Returns it."""
+    directory = Path(directory)
+    files = {
+        name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for name, p in _files(directory)
+        if name != MANIFEST_NAME
+    }
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+# Folders verified in this process, by a stat signature of their files: loading a
+# checkpoint verifies it in find_latest, load_weights and load_training_state, and
+# hashing a multi-GB optimizer state three times would be wasted time.
+_verified: dict[str, tuple] = {}
+
+
+def _signature(directory: Path) -> tuple:
+    return tuple((name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in _files(directory))
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file listed in `directory/manifest.json` (size, then sha256) and that
+    the manifest lists every file a resumable checkpoint needs. Raises `CheckpointError`
+    naming the file that does not match and what to do. Files not in the manifest (e.g.
+    metrics.json written by the evaluation afterwards) are ignored."""
+    directory = Path(directory)
+    advice = "resume from another checkpoint-* folder (train.resume=PATH), or train from scratch"
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {MANIFEST_NAME}: its save was cut off before it finished, or it was "
+            f"written by an older vlmalign without manifests; {advice}"
+        )
+    key = str(directory.resolve())
+    signature = _signature(directory)
+    if _verified.get(key) == signature:
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"unknown format {manifest.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable ({e}); {advice}") from None
+    unlisted = [name for name in REQUIRED if name != MANIFEST_NAME and name not in files]
+    if unlisted:
+        raise CheckpointError(f"{manifest_path} does not list {', '.join(unlisted)}; {advice}")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_NAME}); {advice}")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"{path} is {size} bytes but {MANIFEST_NAME} says {entry['size']}: the file was truncated "
+                f"or changed after saving; {advice}"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(
+                f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is corrupt or was changed "
+                f"after saving; {advice}"
+            )
+    _verified[key] = signature
+
+
+def is_verified(directory: str | Path) -> bool:
+    """Whether `directory` holds every required file and they match its manifest."""
+    try:
+        verify_checkpoint(directory)
+    except (CheckpointError, OSError):
+        return False
+    return is_complete(directory)
+
+
+def _write_files(
+    tmp: Path,
     state: TrainingState,
     model: VLM,
     objective: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: Any = None,
-) -> Path:
-    """Write `out_dir/checkpoint-{state.step}` atomically (into `.tmp`, fsync, rename) and
-    return it; an existing folder of that step is replaced. `scaler`: Accelerate's fp16
-    GradScaler, if any."""
-    out_dir = Path(out_dir)
-    final = out_dir / f"checkpoint-{state.step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():  # left by an interrupted save
-        shutil.rmtree(tmp)
+    scaler: Any,
+) -> None:
+    """Every file of a checkpoint into `tmp`, the manifest last, all fsynced."""
     model.save_pretrained(tmp)
     obj = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
     if obj:
@@ -143,16 +239,60 @@ def save_checkpoint(
     try:
         text = json.dumps(record, indent=1)
     except TypeError as e:
-        raise TypeError(f"trainer state for {final} is not JSON-serialisable ({e}); keep scheduler and logged values plain numbers") from None
+        raise TypeError(f"trainer state for {tmp.name} is not JSON-serialisable ({e}); keep scheduler and logged values plain numbers") from None
     (tmp / STATE_NAME).write_text(text)
-    for path in tmp.iterdir():
+    for _, path in _files(tmp):
         _fsync(path)
-    _fsync(tmp)
+    write_manifest(tmp)
+    _fsync(tmp / MANIFEST_NAME)
+    for folder in sorted({p.parent for _, p in _files(tmp)}, key=lambda d: len(d.parts), reverse=True):
+        _fsync(folder)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state: TrainingState,
+    model: VLM,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Any = None,
+) -> Path:
+    """Write `out_dir/checkpoint-{state.step}` atomically (into `.tmp`, manifest last,
+    fsync, rename) and return it; an existing folder of that step is replaced only once
+    the new one is complete. `scaler`: Accelerate's fp16 GradScaler, if any.
+
+    If writing fails, the partial `.tmp` folder is removed and the error re-raised; a full
+    disk (ENOSPC / EDQUOT) raises `DiskFullError` naming the newest checkpoint that is
+    still intact.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{state.step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():  # left by an interrupted save
+        shutil.rmtree(tmp)
+    try:
+        _write_files(tmp, state, model, objective, optimizer, scheduler, scaler)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            found = _checkpoints(out_dir)
+            intact = f"the previous checkpoint {max(found)[1].name} is intact" if found else "no earlier checkpoint exists there"
+            raise DiskFullError(
+                err.errno,
+                f"disk full while saving {final.name} to {out_dir}; {intact}; free space or set "
+                f"train.out_dir to a disk with room (then train.resume=PATH to continue) ({err})",
+            ) from err
+        raise
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)  # put the previous folder back under its name
+            raise
         shutil.rmtree(old)
     else:
         tmp.rename(final)
@@ -192,10 +332,18 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_latest(out_dir: str | Path) -> Path | None:
-    """The complete `checkpoint-{step}` under `out_dir` with the highest step, or None.
-    `.tmp` folders and folders missing a file (an interrupted save) never count."""
-    found = _checkpoints(Path(out_dir))
-    return max(found)[1] if found else None
+    """The verified `checkpoint-{step}` under `out_dir` with the highest step, or None.
+    `.tmp` folders, folders missing a file and folders whose manifest is missing or does
+    not match (an interrupted save, a corrupt copy) never count; each one passed over
+    newer than the one returned is logged as a warning."""
+    for _, path in sorted(_checkpoints(Path(out_dir)), reverse=True):
+        try:
+            verify_checkpoint(path)
+        except (CheckpointError, OSError) as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        return path
+    return None
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
@@ -220,6 +368,7 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
             f"train.resume={resume} is not a resumable checkpoint: it lacks {', '.join(missing)} (an interrupted "
             "save, or a checkpoint from before resume support). Pick another checkpoint-* folder."
         )
+    verify_checkpoint(path)
     return path
 
 
@@ -244,8 +393,10 @@ def config_changes(directory: str | Path, cfg: Config) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 def load_weights(directory: str | Path, model: VLM, objective: nn.Module) -> None:
     """Load a checkpoint's trainable weights (with the centring mean) into `model` and the
-    objective's learnable temperature into `objective`."""
+    objective's learnable temperature into `objective`, after `verify_checkpoint`
+    (raises `CheckpointError` naming a file that does not match the manifest)."""
     directory = Path(directory)
+    verify_checkpoint(directory)
     model.load_trainable(directory)
     path = directory / OBJECTIVE_NAME
     expected = objective.state_dict()
@@ -262,8 +413,11 @@ def load_training_state(
     scaler: Any = None,
 ) -> TrainingState:
     """Load the optimizer, scheduler, (fp16 scaler) and RNG states of a checkpoint and
-    return the loop's position. Call it last, right before the loop: it sets the RNGs."""
+    return the loop's position. Call it last, right before the loop: it sets the RNGs.
+    Verifies the manifest first (`CheckpointError`); the optimizer state is unpickled with
+    `torch.load(weights_only=True)`, which refuses anything but tensors and plain data."""
     directory = Path(directory)
+    verify_checkpoint(directory)
     record = json.loads((directory / STATE_NAME).read_text())
     optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(record.pop("scheduler"))

@@ -7,7 +7,9 @@ from the prepared records). Kinds:
 
 - `captions`: image-caption pairs (`[<image> x Q] caption <eos>`, data/collate.py);
 - `conversations`: LLaVA instruction conversations, loss on assistant turns
-  (data/conversations.py).
+  (data/conversations.py);
+- `short_long`: short captions train the contrastive loss, long ones the next-token loss
+  (VladVA; data/short_long.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vlmalign.data.conversations import (
     ConversationLoadReport,
 )
 from vlmalign.data.sample import LoadReport, Sample
+from vlmalign.data.short_long import ShortLongCollator, ShortLongDataset, split_captions
 from vlmalign.data.splits import subsample, train_conversations, train_samples
 from vlmalign.models.registry import Registry
 from vlmalign.models.vlm import VLM
@@ -103,29 +106,35 @@ DATA_KINDS: Registry[DataKind] = Registry("training data kind")
 
 
 def text_path_frozen(model: VLM) -> bool:
-    """Whether nothing in the LLM trains (text states can then be cached once)."""
-    return model.llm_frozen()
+    """Whether nothing on the text path trains (text states can then be cached once): a
+    frozen LLM and no trainable text soft prompt."""
+    soft = model.text_soft
+    return model.llm_frozen() and (soft is None or not soft.vectors.requires_grad)
 
 
-def prepare_text_states(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> torch.Tensor | None:
-    """Cached prompted text states of the training captions when the contrastive loss needs
-    them ([N, D], or None); estimates the centring mean once (a resumed run has it back
-    with its weights, and a model reused across recipes keeps its own)."""
+def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text_cache: cache.TextStateCache,
+                        cfg: Config) -> torch.Tensor | None:
+    """Cached prompted text states of the training texts when the contrastive loss needs
+    them and nothing on the text path trains ([N, D], or None); estimates the centring mean
+    once on the first `embedding.centre_samples` texts (a resumed run has it back with its
+    weights, and a model reused across recipes keeps its own)."""
+    frozen = text_path_frozen(model)
     need_mean = cfg.embedding.centre and not bool(model.embed_mean_ready)
     states = None
-    if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and text_path_frozen(model):
-        states = data.text_cache.states(model, [s.caption for s in data.records])  # [N, D]
+    if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and frozen:
+        states = text_cache.states(model, texts)  # [N, D]
     if need_mean:
-        if states is None:
+        head = texts[: cfg.embedding.centre_samples]
+        if states is not None:
+            model.set_embedding_mean(states[: len(head)])
+        else:
             with torch.no_grad():
-                states = torch.cat([model.text_states([s.caption for s in data.records[i : i + 64]])
-                                    for i in range(0, min(len(data.records), cfg.embedding.centre_samples), 64)])
-        model.set_embedding_mean(states[: cfg.embedding.centre_samples])
-    return states if objective.uses_embeddings and text_path_frozen(model) else None
+                model.set_embedding_mean(torch.cat([model.text_states(head[i : i + 64]) for i in range(0, len(head), 64)]))
+    return states if objective.uses_embeddings and frozen else None
 
 
 def _build_captions(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
-    text_states = prepare_text_states(model, objective, data, cfg)
+    text_states = prepare_text_states(model, objective, [s.caption for s in data.records], data.text_cache, cfg)
     dataset = CaptionDataset(data.records, data.features, text_states, model.preprocess)
     collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
     lengths = [len(collator.caption_ids(s.caption)) for s in data.records]
@@ -147,10 +156,29 @@ def _build_conversations(model: VLM, objective: Objective, data: TrainData, cfg:
     return TrainSet(dataset, ConversationCollator(model.tokenizer), lengths, lambda: n_truncated)
 
 
+def _build_short_long(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
+    keep, captions = split_captions(data.records, model.tokenizer, cfg.data, data.report)
+    if not keep:
+        raise ValueError(f"no sample has a short or long caption: {data.report.summary()}")
+    images = [data.records[i].image for i in keep]
+    features = data.features[keep] if data.features is not None else None
+    shorts = [c.short for c in captions if c.short]
+    states = prepare_text_states(model, objective, shorts, data.text_cache, cfg) if shorts else None
+    if states is not None:  # rows aligned with `captions` (zeros where there is no short caption)
+        full = states.new_zeros(len(captions), states.shape[1])
+        full[[i for i, c in enumerate(captions) if c.short]] = states
+        states = full
+    dataset = ShortLongDataset(captions, images, features, states, model.preprocess)
+    collator = ShortLongCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.long_max_tokens)
+    lengths = [len(model.tokenizer(c.long or c.short, add_special_tokens=False).input_ids) for c in captions]
+    return TrainSet(dataset, collator, lengths, lambda: collator.truncated)
+
+
 DATA_KINDS.register("captions")(DataKind(lambda cfg, report: train_samples(cfg.data, report), _build_captions))
 DATA_KINDS.register("conversations")(
     DataKind(lambda cfg, report: train_conversations(cfg.data, report), _build_conversations)
 )
+DATA_KINDS.register("short_long")(DataKind(lambda cfg, report: train_samples(cfg.data, report), _build_short_long))
 
 
 def build_trainset(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:

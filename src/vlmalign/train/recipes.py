@@ -41,6 +41,8 @@ _add(Recipe("align-cg", "CG-VLM (Liu et al. 2023, arXiv 2311.17945)", ("projecto
 _add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",), "align-clip.yaml"))
 _add(Recipe("instruct", "LLaVA stage 2 (Liu et al. 2023) / CG-VLM", ("projector", "llm"), "instruct.yaml",
             data="conversations", evals=("mcq",)))
+_add(Recipe("discriminative", "VladVA (Ouali et al. 2025)", ("projector", "llm"), "discriminative.yaml",
+            data="short_long"))
 
 
 def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
@@ -52,8 +54,11 @@ def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
             "set llm.frozen=false (full fine-tuning) or lora.enabled=true (LoRA adapters)"
         )
     model.requires_grad_(False)
-    for part in recipe.trains:
+    trains = [p for p in recipe.trains if not (p == "projector" and cfg.projector.frozen)]
+    for part in trains:
         model.unfreeze(part)
+    if model.image_soft is not None or model.text_soft is not None:
+        model.unfreeze("soft_prompts")  # enabled by embedding.soft_prompts: they train
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("recipe %s trains %s (%.2fM parameters); everything else frozen", recipe.name, ", ".join(recipe.trains), n / 1e6)
-    return list(recipe.trains)
+    log.info("recipe %s trains %s (%.2fM parameters); everything else frozen", recipe.name, ", ".join(trains), n / 1e6)
+    return trains
