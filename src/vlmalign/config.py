@@ -46,6 +46,9 @@ class ProjectorConfig:
     type: str = "pooled"
     # pooled: k. 7x7 -> 3x3 cut a SmolLM2 step from ~4.4 s to ~1.3 s here (FINDINGS.md).
     pool_size: int = 3
+    # Keep the projector fixed in recipes that would train it (e.g. discriminative after
+    # an alignment run, VladVA's "projector trainable or frozen").
+    frozen: bool = False
 
 
 @dataclass
@@ -272,8 +275,15 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
-def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of dataclass `obj` from `data`, recursing into nested dataclasses."""
+def _update(
+    obj: Any,
+    data: dict[str, Any],
+    prefix: str = "",
+    provenance: dict[str, str] | None = None,
+    source: str = "",
+) -> None:
+    """Set fields of dataclass `obj` from `data`, recursing into nested dataclasses.
+    When `provenance` is given, record `provenance[dotted_key] = source` for each value set."""
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in fields(obj)}
     for key, value in data.items():
@@ -286,9 +296,11 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping of {sorted(f.name for f in fields(current))}")
-            _update(current, value, prefix=f"{dotted}.")
+            _update(current, value, f"{dotted}.", provenance, source)
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted))
+            if provenance is not None:
+                provenance[dotted] = source
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -314,8 +326,17 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    provenance: dict[str, str] | None = None,
+) -> Config:
+    """Read a YAML config (or start from defaults) and apply dotted overrides.
+
+    When `provenance` (a dict) is given, it is filled with one entry per leaf key
+    (`"train.lr"`) saying where the value came from: `"default"` (the dataclass),
+    `"file:<path>"` (the YAML file) or `"override"` (the command line; the last word wins).
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -325,12 +346,84 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         try:
-            _update(cfg, data)
+            _update(cfg, data, provenance=provenance, source=f"file:{_display_path(path)}")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     if overrides:
-        _update(cfg, parse_overrides(overrides))
+        _update(cfg, parse_overrides(overrides), provenance=provenance, source="override")
+    if provenance is not None:
+        for key in flat_config(cfg):
+            provenance.setdefault(key, "default")
     return cfg
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """Leaf values of `cfg` by dotted key, in declaration order: {"train.lr": 0.001, ...}."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One value as a YAML flow scalar on one line that reads back as the same value."""
+    if isinstance(value, str) and not value.isprintable():
+        return json.dumps(value, ensure_ascii=False)  # "\n" escapes; JSON strings are YAML
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n...\n").removesuffix("\n").strip()
+
+
+def show_config(path_or_recipe: str | Path | None, overrides: list[str] | None = None) -> str:
+    """`vlmalign config show`: the resolved config as YAML, each value followed by a
+    comment saying where it came from (`# default`, `# file:configs/align.yaml`,
+    `# override`). The text is itself a valid config file (`yaml.safe_load` of it,
+    passed to `load_config`, gives the same config).
+
+    `path_or_recipe` is a YAML path, a recipe id ("align-cg", resolved through
+    vlmalign.paths.recipe_config) or None (defaults only).
+    """
+    path: Path | None = None
+    if path_or_recipe is not None:
+        path = Path(path_or_recipe)
+        if path.suffix not in (".yaml", ".yml") and not path.exists():
+            from vlmalign.paths import recipe_config  # lazy: imports the model registry
+
+            path = recipe_config(str(path_or_recipe))
+    provenance: dict[str, str] = {}
+    cfg = load_config(path, overrides, provenance=provenance)
+    flat = flat_config(cfg)
+    lines = [f"# resolved config: {_display_path(path) if path else 'defaults'}"
+             + (f" + overrides {' '.join(overrides)}" if overrides else "")]
+    body: list[tuple[str, str]] = []  # (text, provenance comment)
+    section = ""
+    for key, value in flat.items():
+        head, _, leaf = key.rpartition(".")
+        if head != section:
+            body.append((f"{head}:", ""))
+            section = head
+        indent = "  " if head else ""
+        body.append((f"{indent}{leaf}: {_yaml_scalar(value)}", provenance[key]))
+    # Comments in one column; a long value (a prompt) pushes only its own comment out.
+    width = min(max(len(text) for text, _ in body), 44) + 2
+    for text, src in body:
+        lines.append(f"{text}{' ' * max(width - len(text), 2)}# {src}" if src else text)
+    return "\n".join(lines) + "\n"
 
 
 def replace(cfg: Config, overrides: list[str]) -> Config:
