@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | demo.
+"""Command line: vlmalign train | eval | data | chat | report | config | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -6,6 +6,9 @@
     vlmalign data shapes --out data/shapes --n 1280 --seed 0
     vlmalign data check instruct data.train_file=llava_instruct.json
     vlmalign chat --checkpoint runs/instruct --image cat.jpg --prompt "What is in the image?"
+    vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
+    vlmalign report runs/align runs/align-cg
+    vlmalign config show align-cg train.lr=5e-4
     vlmalign demo [--quick]
 """
 
@@ -23,20 +26,19 @@ console = Console()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from vlmalign.config import load_config
-    from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, evaluate
-    from vlmalign.eval.report import write_metrics
     from vlmalign.paths import recipe_config
     from vlmalign.train.trainer import train
 
     cfg = load_config(recipe_config(args.config), args.overrides)
     result = train(cfg)
     console.print(f"checkpoint: {result.checkpoint}")
-    if cfg.train.eval_at_end:
-        model = result.model
-        metrics = evaluate(model, EvalData.prepare(model, cfg), cfg)
-        write_metrics(result.checkpoint / METRICS_NAME, metrics, meta={"recipe": cfg.recipe})
-        console.print(comparison_table({cfg.recipe: metrics}, f"{cfg.recipe}: held-out evaluation"))
+    if cfg.train.eval_at_end and PartialState().is_main_process:
+        from vlmalign.eval.run import evaluate_run
+
+        evaluate_run(result.model, cfg, result.checkpoint, result.history)
     return 0
 
 
@@ -105,6 +107,30 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from vlmalign.data.shards import shard_command
+
+    shard_command(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                  split=args.split, caption_field=args.caption_field)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vlmalign.eval.html_report import default_report_path, write_report
+
+    out = write_report(args.run_dirs, args.out or default_report_path(args.run_dirs))
+    console.print(f"report: {out}")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from vlmalign.config import show_config
+    from vlmalign.paths import recipe_config
+
+    print(show_config(recipe_config(args.config), args.overrides), end="")  # plain: rich eats [..]
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmalign.demo import run_demo
 
@@ -134,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1280)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_data)
+    sh = dsub.add_parser("shard", help="write webdataset tar shards from a captions JSONL or a shapes-layout folder")
+    sh.add_argument("--from", dest="source", required=True, help="a captions JSONL or a folder in the shapes layout")
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    sh.add_argument("--prefix", default="shard")
+    sh.add_argument("--split", default="train", help="which split of a shapes-layout folder")
+    sh.add_argument("--caption-field", default="caption")
+    sh.set_defaults(fn=_cmd_shard)
     c = dsub.add_parser("check", help="show how conversations are tokenised and which tokens train; fail on bad samples")
     c.add_argument("config", help="recipe id (instruct) or a YAML file")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_file=llava.json")
@@ -146,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default="", help="ask once and exit (otherwise interactive)")
     ch.add_argument("--max-new-tokens", type=int, default=64)
     ch.set_defaults(fn=_cmd_chat)
+
+    r = sub.add_parser("report", help="one self-contained report.html comparing runs")
+    r.add_argument("run_dirs", nargs="+", help="run folders, checkpoint folders or a folder of runs")
+    r.add_argument("--out", default=None, help="HTML file (default: report.html in the runs' common folder)")
+    r.set_defaults(fn=_cmd_report)
+
+    cf = sub.add_parser("config", help="inspect configs")
+    cfsub = cf.add_subparsers(dest="config_command", required=True)
+    cs = cfsub.add_parser("show", help="print the resolved config with where each value came from")
+    cs.add_argument("config", help="recipe id or YAML file")
+    cs.add_argument("overrides", nargs="*")
+    cs.set_defaults(fn=_cmd_config_show)
 
     m = sub.add_parser("demo", help="train align, align-cg and align-clip on shapes and compare")
     m.add_argument("--quick", action="store_true", help="a ~2 minute version")

@@ -139,6 +139,9 @@ class DataConfig:
     max_caption_tokens: int = 64
     # Evaluate on at most this many pairs (0: all).
     eval_max_samples: int = 0
+    # Multiple-choice questions (ScienceQA style) for the instruct recipe's evaluation;
+    # "" means the shapes layout's mcq_test.json.
+    mcq_file: str = ""
     # Train on a seeded random subset of this share of the training records (CG-VLM's
     # data-efficiency experiment); the same fraction_seed gives the same subset.
     data_fraction: float = 1.0
@@ -188,8 +191,9 @@ class TrainConfig:
     cache_vision_features: bool = True
     # Precompute text embeddings when nothing on the text path trains.
     cache_text_embeddings: bool = True
-    # "no" (fp32) on CPU; "bf16" on GPUs that support it.
-    mixed_precision: str = "no"
+    # "no" (fp32), "bf16" (GPUs that support it) or "fp16"; "" takes the launcher's
+    # setting (`accelerate launch --mixed_precision` or its config file), fp32 by default.
+    mixed_precision: str = ""
     # Evaluate on the held-out split after training.
     eval_at_end: bool = True
     # Load trainable weights (projector, centring mean) from this checkpoint before

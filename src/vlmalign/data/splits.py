@@ -100,3 +100,13 @@ def train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> li
             write_mcq_conversations(load_mcq_json(root / "mcq_train.json", image_root=root), path)
         out += load_conversations(path, image_root=root, report=report, allow_text_only=False)
     return out
+
+
+def mcq_items(cfg: DataConfig, report: LoadReport | None = None) -> list:
+    """Held-out multiple-choice items (`data.mcq_file`, default the shapes layout's
+    mcq_test.json), at most `data.eval_max_samples` of them."""
+    from vlmalign.data.scienceqa import load_mcq_json
+
+    root = ensure_data(cfg)
+    items = load_mcq_json(_resolve(root, cfg.mcq_file or "mcq_test.json"), image_root=root, report=report)
+    return items[: cfg.eval_max_samples] if cfg.eval_max_samples else items

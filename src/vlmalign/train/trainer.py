@@ -31,6 +31,7 @@ from vlmalign.train import checkpoint
 from vlmalign.train.checkpoint import TrainingState
 from vlmalign.train.datasets import TrainData, build_trainset
 from vlmalign.train.recipes import RECIPES, apply_recipe
+from vlmalign.train.runlog import RunLog
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -83,14 +84,14 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     resume_from = checkpoint.resolve_resume(tc.resume, out_dir)  # fail before loading anything
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum_steps,
-        mixed_precision=tc.mixed_precision,
+        mixed_precision=tc.mixed_precision or None,  # "": the launcher's setting
         cpu=not torch.cuda.is_available(),
     )
     set_seed(tc.seed)
     if model is None:
         model = VLM.build(cfg)
     model.set_config(cfg)
-    apply_recipe(model, recipe)
+    trains = apply_recipe(model, recipe)
     model.to(accelerator.device)
     objective = Objective(cfg.objective, gather=accelerator.num_processes > 1).to(accelerator.device)
     if resume_from is not None:
@@ -116,6 +117,8 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # batches come from a batch sampler
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tc.batch_size
     step_module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,52 +145,57 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     micro, t_log = 0, time.perf_counter()
     console.print(
         f"[bold]{recipe.name}[/] ({recipe.paper}): {len(dataset)} samples, batch {tc.batch_size}"
-        f" x accum {tc.grad_accum_steps}, {tc.max_steps} steps, trains {', '.join(recipe.trains)}"
+        f" x accum {tc.grad_accum_steps} x {accelerator.num_processes} processes, {tc.max_steps} steps,"
+        f" trains {', '.join(trains)}"
     )
     step_module.train()
     model.llm.eval()  # no dropout in frozen or partly trained backbones
     model.vision.eval()
-    while state.step < tc.max_steps:
-        loader.set_epoch(state.epoch)  # one process: Accelerate's loader passes it on
-        sampler.set_epoch(state.epoch)  # several: its batch-sampler shard does not
-        for batch in loader:
-            with accelerator.accumulate(step_module):
-                loss, parts = step_module(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {state.step}: {_format_parts({k: float(v) for k, v in parts.items()})}")
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            state.batches_done += accelerator.num_processes
-            for k, v in parts.items():
-                if k != "ntp_tokens":
-                    running[k] = running.get(k, 0.0) + float(v.detach())
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.step += 1
-            state.micro_step = accelerator.step
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                dt = time.perf_counter() - t_log
-                entry = {k: v / micro for k, v in running.items()}
-                entry |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "s_per_step": dt / tc.log_every}
-                if grad_norm is not None:
-                    entry["grad_norm"] = float(grad_norm)
-                state.history.append(entry)
-                console.print(f"  step {state.step:4d}  " + _format_parts({k: entry[k] for k in running}) + f"  lr {entry['lr']:.2e}  {entry['s_per_step']:.2f} s/step")
-                running, micro, t_log = {}, 0, time.perf_counter()
-            if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
-                save()
-                if accelerator.is_main_process:
-                    checkpoint.prune_checkpoints(out_dir, tc.keep_checkpoints, state.step)
-            if state.step >= tc.max_steps:
-                break
-        else:  # the epoch ran out (not a break at max_steps)
-            state.epoch, state.batches_done = state.epoch + 1, 0
+    runlog = RunLog(out_dir, tc.max_steps, enabled=accelerator.is_main_process, start_step=state.step, title=cfg.recipe,
+                    samples_per_step=tc.batch_size * tc.grad_accum_steps * accelerator.num_processes, console=console)
+    with runlog:
+        while state.step < tc.max_steps:
+            loader.set_epoch(state.epoch)  # one process: Accelerate's loader passes it on
+            sampler.set_epoch(state.epoch)  # several: its batch-sampler shard does not
+            for batch in loader:
+                with accelerator.accumulate(step_module):
+                    loss, parts = step_module(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at step {state.step}: {_format_parts({k: float(v) for k, v in parts.items()})}")
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                state.batches_done += accelerator.num_processes
+                for k, v in parts.items():
+                    if k != "ntp_tokens":
+                        running[k] = running.get(k, 0.0) + float(v.detach())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.step += 1
+                state.micro_step = accelerator.step
+                runlog.step(state.step, {k: v / micro for k, v in running.items()})
+                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                    dt = time.perf_counter() - t_log
+                    entry = {k: v / micro for k, v in running.items()}
+                    entry |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "s_per_step": dt / tc.log_every}
+                    if grad_norm is not None:
+                        entry["grad_norm"] = float(grad_norm)
+                    state.history.append(entry)
+                    runlog.log(state.step, entry)
+                    running, micro, t_log = {}, 0, time.perf_counter()
+                if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                    save()
+                    if accelerator.is_main_process:
+                        checkpoint.prune_checkpoints(out_dir, tc.keep_checkpoints, state.step)
+                if state.step >= tc.max_steps:
+                    break
+            else:  # the epoch ran out (not a break at max_steps)
+                state.epoch, state.batches_done = state.epoch + 1, 0
     if truncated := trainset.truncated():
         console.print(f"[yellow]data: {truncated} training sequences truncated to the length limit")
     final = save({"skipped": data.report.as_dict(), "truncated": truncated})

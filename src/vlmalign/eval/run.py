@@ -1,0 +1,63 @@
+"""The evaluation after training (`vlmalign train`, `eval.at_end`): what the recipe's
+`evals` name, written as `metrics.json` next to the checkpoint, logged to TensorBoard,
+printed as a table and drawn as plots in the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from vlmalign.config import Config
+from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, evaluate
+from vlmalign.eval.plots import write_run_plots
+from vlmalign.eval.report import write_metrics
+from vlmalign.models.vlm import VLM
+from vlmalign.train.recipes import RECIPES
+from vlmalign.train.runlog import log_eval_metrics
+
+console = Console()
+
+# Embeddings drawn in the run's similarity-matrix and projection plots.
+PLOT_PAIRS = 32
+
+
+def evaluate_mcq_split(model: VLM, cfg: Config) -> dict[str, float]:
+    """Multiple-choice accuracy (likelihood and generation) on the held-out MCQ file."""
+    from vlmalign.data.splits import mcq_items
+    from vlmalign.eval.mcq import evaluate_mcq
+
+    return evaluate_mcq(model, mcq_items(cfg.data))
+
+
+def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] | None = None) -> dict[str, float]:
+    """Run the recipe's evaluations on the held-out split; write, log, print and plot."""
+    evals = RECIPES.get(cfg.recipe).evals
+    metrics: dict[str, float] = {}
+    meta: dict = {"recipe": cfg.recipe, "checkpoint": str(checkpoint)}
+    data = None
+    if "retrieval" in evals:
+        data = EvalData.prepare(model, cfg)
+        metrics |= evaluate(model, data, cfg)
+        meta["skipped"] = data.report.as_dict()
+    if "mcq" in evals:
+        metrics |= evaluate_mcq_split(model, cfg)
+    if history:
+        last = history[-1]
+        metrics |= {f"train_{k}": float(v) for k, v in last.items() if k.endswith("_loss")}
+    write_metrics(checkpoint / METRICS_NAME, metrics, meta=meta)
+    run_dir = checkpoint.parent
+    step = int(history[-1]["step"]) if history else 0
+    log_eval_metrics(run_dir, step, metrics)  # the table below is what the terminal shows
+    console.print(comparison_table({cfg.recipe: metrics}, f"{cfg.recipe}: held-out evaluation"))
+    img = txt = captions = None
+    if data is not None and data.captions:
+        n = min(PLOT_PAIRS, len(data.captions))
+        with torch.no_grad():
+            img = model.embed_images(data.features[data.text_to_image[:n]].to(model.projector_device()))
+            txt = model.embed_texts(data.captions[:n])
+        captions = data.captions[:n]
+    write_run_plots(run_dir, history or [], metrics, img, txt, captions)
+    return metrics
