@@ -1,0 +1,471 @@
+"""Streaming data: webdataset tar shards, written from any caption format and read back
+split across ranks and DataLoader workers with no sample seen twice in an epoch.
+
+Layout written by `write_shards` (webdataset convention: one sample = the tar members
+sharing a key):
+
+    out/shard-000000.tar   000000000.jpg 000000000.txt 000000000.json 000000001.jpg ...
+    out/shard-000001.tar
+    out/index.json         {"format", "shards": [{"name", "count"}], "total", "skipped"}
+
+Keys are the sample's position in the whole set (`%09d`), so they are unique and free of
+the dots and slashes webdataset would split on; the dataset's own id is in the JSON.
+
+How `ShardStream` splits an epoch (a pure function of the index, seed, epoch, rank and
+world size, so every process computes the same plan without talking to the others):
+
+1. The shard order is shuffled by (seed, epoch).
+2. The concatenated stream of N samples is cut into `world_size` contiguous ranges of
+   N // world_size or N // world_size + 1 samples (`even=True`: all N // world_size, the
+   last N % world_size samples of the epoch's order dropped so every rank runs the same
+   number of steps). A rank reads only the shards overlapping its range: any number of
+   shards works, dividing evenly or not, and none is read twice across ranks.
+3. The rank's range passes through a shuffle buffer seeded by (seed, epoch, rank): this is
+   the rank's sample sequence for the epoch, the same whatever the number of workers.
+4. `skip(n)` drops the first n samples of that sequence (resuming mid-epoch).
+5. Worker w of W keeps the samples j with (j // batch_size) % W == w. A DataLoader takes
+   batches from its workers in turn, so with the same `batch_size` it yields the rank's
+   sequence in order, batch by batch, for any W: resume and parity tests do not depend on
+   the worker count. Every worker reads the rank's tar bytes but decodes only its own
+   samples (decoding is the expensive part).
+
+A corrupt sample (undecodable image, bad JSON, no image or caption member) is skipped and
+counted in `ShardStream.report` (in the process that read it; with workers the skips are
+logged as warnings), never a crash; a truncated shard loses the samples after the damage,
+counted under `corrupt_shard`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from .formats import load_captions_jsonl
+from .images import MIN_IMAGE_SIDE, BadImageError, _to_rgb, load_image
+from .sample import LoadReport, Sample
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "vlmalign-shards/1"
+# JPEG quality when a non-JPEG image is re-encoded; 95 keeps re-encoding artefacts below
+# what a 224-pixel vision tower resolves (PIL's default is 75).
+JPEG_QUALITY = 95
+# Samples held by the shuffle buffer of each reader (raw bytes, ~50-200 kB per image);
+# 1000 is webdataset's usual `.shuffle(1000)`.
+SHUFFLE_BUFFER = 1000
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_FIELDS = ("id", "caption", "short_caption", "long_caption")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# ------------------------------------------------------------------------------ writing
+def _image_bytes(sample: Sample, where: str, report: LoadReport, quality: int) -> bytes | None:
+    """The JPEG bytes to store for `sample`, or None (skip counted) when the image is bad.
+
+    The image is always decoded once (the check); a file that already is a JPEG is stored
+    as it is, anything else is re-encoded from its RGB decoding."""
+    try:
+        rgb = load_image(sample.image)
+    except BadImageError as err:
+        reason = "missing_image" if not Path(sample.image).exists() else "bad_image"
+        report.skip(reason, where, err.reason)
+        return None
+    raw = Path(sample.image).read_bytes()
+    if raw.startswith(_JPEG_MAGIC):
+        return raw
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    report: LoadReport | None = None,
+    jpeg_quality: int = JPEG_QUALITY,
+) -> list[Path]:
+    """Write `samples` as webdataset tar shards `{prefix}-{i:06d}.tar` of `shard_size`
+    samples each (the last one smaller), plus `out_dir/index.json`; returns the shard paths.
+
+    Per sample: `KEY.jpg` (the original bytes if the file is a JPEG, else re-encoded at
+    `jpeg_quality`), `KEY.txt` (the caption) and `KEY.json` (id, caption, short_caption,
+    long_caption when present). Unusable images (missing, undecodable, truncated, smaller
+    than 2x2) and empty captions are skipped and counted in `report`; the index records
+    the counts. Tar members carry mtime 0, so the same input gives byte-identical shards.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = report if report is not None else LoadReport()
+    paths: list[Path] = []
+    counts: list[int] = []
+    writer: wds.TarWriter | None = None
+    written = 0
+    try:
+        for n, sample in enumerate(samples):
+            where = f"sample {n} ({sample.id or sample.image})"
+            if not sample.caption.strip():
+                report.skip("empty_caption", where, "caption is empty")
+                continue
+            jpg = _image_bytes(sample, where, report, jpeg_quality)
+            if jpg is None:
+                continue
+            if writer is None or counts[-1] == shard_size:
+                if writer is not None:
+                    writer.close()
+                paths.append(out / f"{prefix}-{len(paths):06d}.tar")
+                counts.append(0)
+                writer = wds.TarWriter(str(paths[-1]), mtime=0)
+            text = {k: getattr(sample, k) for k in TEXT_FIELDS if getattr(sample, k)}
+            writer.write({
+                "__key__": f"{written:09d}",
+                "jpg": jpg,
+                "txt": sample.caption,
+                "json": json.dumps(text, ensure_ascii=False).encode("utf-8"),
+            })
+            counts[-1] += 1
+            written += 1
+            report.loaded += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    index = {
+        "format": INDEX_FORMAT,
+        "shards": [{"name": p.name, "count": c} for p, c in zip(paths, counts, strict=True)],
+        "total": written,
+        "shard_size": shard_size,
+        "skipped": report.as_dict(),
+    }
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out / INDEX_NAME)
+    return paths
+
+
+def shard_command(
+    source: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    split: str = "train",
+    caption_field: str = "caption",
+) -> dict:
+    """`vlmalign data shard --from SOURCE --out OUT --shard-size N`: read a captions JSONL
+    file, or a folder in the shapes layout (its `{split}.jsonl`, resolved as the trainer
+    does), write shards to `out` and print one summary line.
+
+    Returns `{"out", "shards": [names], "samples": written, "skipped": {reason: n},
+    "summary": the printed line}`. Raises FileNotFoundError when `source` is missing.
+    """
+    source = Path(source)
+    report = LoadReport()
+    if source.is_dir():
+        from vlmalign.config import DataConfig
+        from vlmalign.data.splits import train_samples
+
+        cfg = DataConfig(root=str(source), generate_shapes=False, train_file=f"{split}.jsonl", caption_field=caption_field)
+        samples = train_samples(cfg, report)
+    elif source.suffix == ".jsonl":
+        samples = load_captions_jsonl(source, caption_field=caption_field, report=report)
+    elif not source.exists():
+        raise FileNotFoundError(f"--from {source} does not exist; pass a captions .jsonl file or a shapes-layout folder")
+    else:
+        raise ValueError(f"--from {source}: expected a captions .jsonl file or a folder in the shapes layout")
+    loaded = report.loaded  # records read; write_shards counts the written ones again
+    report.loaded = 0
+    paths = write_shards(samples, out, shard_size=shard_size, prefix=prefix, report=report)
+    summary = (
+        f"wrote {report.loaded} samples (of {loaded} records) to {len(paths)} shards in {out}"
+        + (f"; {report.summary()}" if report.total_skipped() else "")
+    )
+    print(summary)
+    return {
+        "out": str(out),
+        "shards": [p.name for p in paths],
+        "samples": report.loaded,
+        "skipped": report.skipped,
+        "summary": summary,
+    }
+
+
+# ------------------------------------------------------------------------------ reading
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard: where to open it (path or any `webdataset.gopen` URL) and its size."""
+
+    url: str
+    count: int
+
+
+def count_samples(url: str) -> int:
+    """Samples (distinct consecutive keys) in one tar shard, reading only member headers."""
+    n, last = 0, None
+    with wds.gopen(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            key, _ = base_plus_ext(member.name)
+            if member.isreg() and key is not None and key != last:
+                n, last = n + 1, key
+    return n
+
+
+def load_index(source: str | Path | Sequence[str]) -> list[Shard]:
+    """The shards of `source`: an `index.json` written by `write_shards`, a folder holding
+    one, a single `.tar`, a brace pattern (`data/shard-{000000..000009}.tar`) or a list of
+    paths/URLs. Without an index the shards are scanned once to count their samples."""
+    if isinstance(source, (str, Path)) and not str(source).endswith(".tar") and "{" not in str(source):
+        path = Path(source)
+        index = path / INDEX_NAME if path.is_dir() else path
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"no shard index at {index}; write shards with `vlmalign data shard` (it writes "
+                f"{INDEX_NAME}) or pass the .tar files / a brace pattern instead"
+            )
+        data = json.loads(index.read_text())
+        if data.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{index}: format {data.get('format')!r}, expected {INDEX_FORMAT!r}")
+        return [Shard(str(index.parent / s["name"]), int(s["count"])) for s in data["shards"]]
+    urls = [str(source)] if isinstance(source, (str, Path)) else [str(u) for u in source]
+    urls = [u for pattern in urls for u in wds.shardlists.expand_urls(pattern)]
+    if not urls:
+        raise ValueError(f"no shards in {source!r}")
+    log.info("no index: counting the samples of %d shards", len(urls))
+    return [Shard(u, count_samples(u)) for u in urls]
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode image bytes as `images.load_image` decodes a file: fully, EXIF-rotated, 8-bit
+    RGB; raises `BadImageError` for bytes PIL cannot decode or images below 2x2."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+    except Exception as err:
+        raise BadImageError(where, f"unreadable or truncated ({type(err).__name__}: {err})") from err
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        raise BadImageError(where, f"image is {rgb.size[0]}x{rgb.size[1]} pixels")
+    return rgb
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from the
+    RANK / WORLD_SIZE variables torchrun and accelerate set, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """A shuffle buffer: hold `size` items, emit a random one as each new item arrives."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """Samples streamed from tar shards, this rank's share of each epoch (see the module
+    docstring for the plan). Yields `Sample`s whose `image` is a decoded RGB PIL image
+    (`decode="pil"`) or the stored bytes (`decode="bytes"`), `meta` = {"shard", "key",
+    "position"} (position: index in this rank's epoch sequence); or `transform(sample)`.
+
+    `rank` / `world_size` default to torch.distributed (or RANK / WORLD_SIZE), read when the
+    stream is built. Call
+    `set_epoch(e)` before each epoch (the order is a function of (seed, epoch) only, so a
+    DataLoader re-created or with workers gets the same order); `skip(n)` resumes inside an
+    epoch. `batch_size` must equal the DataLoader's for the worker split to reproduce the
+    rank's sequence. Do not use `persistent_workers=True` (workers would keep a stale epoch).
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Sequence[str],
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
+        batch_size: int = 1,
+        even: bool = False,
+        decode: str = "pil",
+        caption_field: str = "caption",
+        transform: Callable[[Sample], Any] | None = None,
+    ) -> None:
+        if decode not in ("pil", "bytes"):
+            raise ValueError(f"decode must be 'pil' or 'bytes', got {decode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards = load_index(source)
+        env_rank, env_world = _distributed_rank_world()  # resolved now, in the main process
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.seed, self.epoch = seed, epoch
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.batch_size, self.even = batch_size, even
+        self.decode, self.caption_field, self.transform = decode, caption_field, transform
+        self._skip: tuple[int, int] = (epoch, 0)  # (epoch it applies to, samples)
+        self.report = LoadReport()
+
+    # --------------------------------------------------------------- the epoch's plan
+    @property
+    def total(self) -> int:
+        """Samples in all shards."""
+        return sum(s.count for s in self.shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration streams (its shard order and shuffle)."""
+        self.epoch = epoch
+
+    def skip(self, samples: int, epoch: int | None = None) -> None:
+        """Drop the first `samples` of this rank's sequence in `epoch` (default: the current
+        one) only: how a resumed run continues where it stopped. A trainer that consumed
+        b full batches of this rank in the epoch passes b * batch_size."""
+        if samples < 0:
+            raise ValueError(f"cannot skip a negative number of samples ({samples})")
+        self._skip = (self.epoch if epoch is None else epoch, samples)
+
+    def rank_range(self) -> tuple[int, int]:
+        """[start, stop) of this rank in the epoch's concatenated stream."""
+        rank, world = self.rank, self.world_size
+        n = self.total
+        if self.even:
+            per = n // world
+            return rank * per, (rank + 1) * per
+        return rank * n // world, (rank + 1) * n // world
+
+    def __len__(self) -> int:
+        """Samples this rank reads in an epoch (before `skip`, counting corrupt ones)."""
+        start, stop = self.rank_range()
+        return stop - start
+
+    def plan(self) -> list[tuple[Shard, int, int]]:
+        """This rank's reads for the current epoch: (shard, first, stop) sample positions
+        inside each shard, in stream order."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"vlmalign-shards:{self.seed}:{self.epoch}").shuffle(order)
+        start, stop = self.rank_range()
+        reads, offset = [], 0
+        for i in order:
+            shard = self.shards[i]
+            lo, hi = max(start, offset), min(stop, offset + shard.count)
+            if lo < hi:
+                reads.append((shard, lo - offset, hi - offset))
+            offset += shard.count
+        return reads
+
+    # --------------------------------------------------------------------- reading
+    def _read(self, shard: Shard, first: int, stop: int, counting: bool) -> Iterator[tuple[str, str, dict]]:
+        """(url, key, {ext: bytes}) for samples first..stop-1 of one shard; members before
+        `first` are passed over without being extracted. A damaged or short tar ends the
+        shard early; the samples it lost are counted (by the reader with `counting`)."""
+        position, key, record, yielded, error = -1, None, {}, 0, ""
+        try:
+            with wds.gopen(shard.url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    k, ext = base_plus_ext(member.name)
+                    if not member.isreg() or k is None:
+                        continue
+                    if k != key:
+                        if key is not None and first <= position < stop:
+                            yield shard.url, key, record
+                            yielded += 1
+                        position, key, record = position + 1, k, {}
+                        if position >= stop:
+                            return
+                    if position >= first:
+                        record[ext.lower()] = tar.extractfile(member).read()
+            if key is not None and first <= position < stop:
+                yield shard.url, key, record
+                yielded += 1
+        except (tarfile.TarError, OSError, EOFError) as err:
+            error = f"{type(err).__name__}: {err}"
+        lost = (stop - first) - yielded
+        if lost and counting:
+            detail = error or f"the tar holds {position + 1} samples, the index says {shard.count}"
+            self.report.skip("corrupt_shard", shard.url, f"{detail}; {lost} samples lost")
+            log.warning("shard %s ended early (%s): %d samples lost", shard.url, detail, lost)
+
+    def _sample(self, url: str, key: str, record: dict, position: int) -> Sample | None:
+        """A Sample from one record's members, or None (skip counted) when it is unusable."""
+        where = f"{url}:{key}"
+        text: dict = {}
+        if "json" in record:
+            try:
+                text = json.loads(record["json"].decode("utf-8"))
+                if not isinstance(text, dict):
+                    raise ValueError(f"a JSON {type(text).__name__}, not an object")
+            except (UnicodeDecodeError, ValueError) as err:
+                return self._skipped("malformed_json", where, str(err))
+        caption = text.get(self.caption_field) or text.get("caption")
+        if not caption and "txt" in record:
+            caption = record["txt"].decode("utf-8", errors="replace")
+        caption = str(caption or "").strip()
+        if not caption:
+            return self._skipped("empty_caption", where, f"no {self.caption_field!r} in .json and no .txt")
+        ext = next((e for e in IMAGE_EXTS if e in record), None)
+        if ext is None:
+            return self._skipped("missing_image", where, f"no image member ({', '.join(IMAGE_EXTS)})")
+        image: Any = record[ext]
+        if self.decode == "pil":
+            try:
+                image = decode_image(image, where)
+            except BadImageError as err:
+                return self._skipped("bad_image", where, err.reason)
+        return Sample(
+            id=str(text.get("id", key)),
+            image=image,
+            caption=caption,
+            short_caption=str(text.get("short_caption", "")),
+            long_caption=str(text.get("long_caption", "")),
+            meta={"shard": Path(url).name, "key": key, "position": position},
+        )
+
+    def _skipped(self, reason: str, where: str, detail: str) -> None:
+        self.report.skip(reason, where, detail)
+        log.warning("skipping sample %s: %s (%s)", where, reason, detail)
+        return None
+
+    def __iter__(self) -> Iterator[Any]:
+        rank = self.rank
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip_epoch, skip = self._skip
+        skip = skip if skip_epoch == self.epoch else 0
+        records = (r for shard, lo, hi in self.plan() for r in self._read(shard, lo, hi, counting=worker == 0))
+        if self.shuffle:
+            rng = random.Random(f"vlmalign-buffer:{self.seed}:{self.epoch}:{rank}")
+            records = _buffer_shuffle(records, self.shuffle_buffer, rng)
+        for position, (url, key, record) in enumerate(records):
+            if position < skip or ((position - skip) // self.batch_size) % workers != worker:
+                continue
+            sample = self._sample(url, key, record, position)
+            if sample is not None:
+                yield self.transform(sample) if self.transform is not None else sample
