@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | report | config | demo.
+"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -6,6 +6,8 @@
     vlmalign data shapes --out data/shapes --n 1280 --seed 0
     vlmalign data check instruct data.train_file=llava_instruct.json
     vlmalign chat --checkpoint runs/instruct --image cat.jpg --prompt "What is in the image?"
+    vlmalign embed --checkpoint runs/discriminative --images photos/ --out photos.safetensors
+    vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
     vlmalign config show align-cg train.lr=5e-4
@@ -131,6 +133,45 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from vlmalign.inference import (
+        embed_image_files,
+        image_files,
+        load_checkpoint,
+        read_texts,
+        write_index,
+    )
+
+    if bool(args.images) == bool(args.texts):
+        console.print("[red]embed:[/] give exactly one of --images DIR or --texts FILE")
+        return 2
+    model = load_checkpoint(args.checkpoint)
+    if args.images:
+        emb, kept, report = embed_image_files(model, image_files(args.images), args.batch_size)
+        names, kind = [str(p) for p in kept], "image"
+        if report.total_skipped():
+            console.print(f"[yellow]{report.summary()}")
+    else:
+        names, kind = read_texts(args.texts), "text"
+        emb = model.embed_texts(names, batch_size=args.batch_size)
+    write_index(args.out, emb, names, kind, str(args.checkpoint))
+    console.print(f"wrote {len(names)} {kind} embeddings of size {emb.shape[1]} to {args.out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from vlmalign.inference import load_checkpoint, read_index, search
+
+    index, names, meta = read_index(args.index)
+    if meta.get("kind") != "image":
+        console.print(f"[red]search:[/] {args.index} holds {meta.get('kind')} embeddings; index images with `vlmalign embed --images`")
+        return 2
+    model = load_checkpoint(args.checkpoint)
+    for rank, (name, score) in enumerate(search(model, index, names, args.query, args.top), start=1):
+        print(f"{rank:2d}. {score:.3f}  {name}")  # plain: paths must not wrap
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmalign.demo import run_demo
 
@@ -180,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", default="", help="ask once and exit (otherwise interactive)")
     ch.add_argument("--max-new-tokens", type=int, default=64)
     ch.set_defaults(fn=_cmd_chat)
+
+    em = sub.add_parser("embed", help="embed images or texts with a trained model into a safetensors file")
+    em.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
+    em.add_argument("--images", help="a folder of images (searched recursively)")
+    em.add_argument("--texts", help="a UTF-8 file, one text per line")
+    em.add_argument("--out", required=True, help="output .safetensors")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.set_defaults(fn=_cmd_embed)
+
+    se = sub.add_parser("search", help="the images of an index most similar to a text query")
+    se.add_argument("query")
+    se.add_argument("--checkpoint", required=True)
+    se.add_argument("--index", required=True, help="a file written by `vlmalign embed --images`")
+    se.add_argument("--top", type=int, default=5)
+    se.set_defaults(fn=_cmd_search)
 
     r = sub.add_parser("report", help="one self-contained report.html comparing runs")
     r.add_argument("run_dirs", nargs="+", help="run folders, checkpoint folders or a folder of runs")

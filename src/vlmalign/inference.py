@@ -8,12 +8,16 @@ the start of the first user turn, then the generation prompt.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from vlmalign.data.images import load_image
+from vlmalign.data.images import BadImageError, load_image
+from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
 
@@ -66,3 +70,74 @@ class ChatSession:
         content = f"{IMAGE_TOKEN}\n{question.strip()}" if first else question.strip()
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         return answer
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursive), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def embed_image_files(model: VLM, paths: list[Path], batch_size: int = 32) -> tuple[torch.Tensor, list[Path], LoadReport]:
+    """Embeddings [N, D] of the readable images, the paths kept, and what was skipped."""
+    report = LoadReport()
+    chunks, kept = [], []
+    for i in range(0, len(paths), batch_size):
+        images = []
+        for p in paths[i : i + batch_size]:
+            try:
+                images.append(load_image(p))
+                kept.append(p)
+            except BadImageError as e:
+                report.skip("unreadable image", str(p), str(e))
+        if images:
+            chunks.append(model.embed_images(images, batch_size=batch_size).cpu())
+        report.loaded = len(kept)
+    return (torch.cat(chunks) if chunks else torch.zeros(0, model.hidden_size)), kept, report
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (one text per line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def write_index(path: str | Path, embeddings: torch.Tensor, names: list[str], kind: str, checkpoint: str) -> Path:
+    """Embeddings as safetensors: tensor `embeddings` [N, D]; metadata `names` (JSON list:
+    the image path or text of each row), `kind` ("image" | "text"), `checkpoint`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"names": json.dumps(names), "kind": kind, "checkpoint": checkpoint}
+    save_file({"embeddings": embeddings.contiguous().float()}, str(path), metadata=meta)
+    return path
+
+
+def read_index(path: str | Path) -> tuple[torch.Tensor, list[str], dict[str, str]]:
+    """(embeddings [N, D], names, metadata) of a file written by `write_index`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index {path} does not exist; write one with `vlmalign embed --images DIR --out {path}`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        emb = f.get_tensor("embeddings")
+    if "names" not in meta:
+        raise ValueError(f"{path} is not a vlmalign embedding index (no names in its metadata)")
+    return emb, json.loads(meta["names"]), meta
+
+
+@torch.no_grad()
+def search(model: VLM, index: torch.Tensor, names: list[str], query: str, top: int = 5) -> list[tuple[str, float]]:
+    """The `top` rows of an image index most similar (cosine) to a text query."""
+    q = model.embed_texts([query])[0].to(index.dtype)  # [D]
+    scores = index @ q  # [N]
+    best = scores.topk(min(top, len(names)))
+    return [(names[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
