@@ -103,7 +103,7 @@ def test_resume_latest_after_a_crash_continues_in_place(tiny_cfg, tmp_path):
 def test_periodic_checkpoints_are_pruned_and_no_tmp_is_left(tiny_cfg, tmp_path):
     cfg = tiny_cfg("align", "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2", "train.warmup_steps=1")
     train(cfg)
-    names = sorted(p.name for p in (tmp_path / "align").iterdir() if p.is_dir())
+    names = sorted(p.name for p in (tmp_path / "align").iterdir() if p.is_dir() and p.name != "tb")
     assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]  # 2 periodic + the final
     assert find_latest(tmp_path / "align").name == "checkpoint-5"
 
@@ -111,8 +111,11 @@ def test_periodic_checkpoints_are_pruned_and_no_tmp_is_left(tiny_cfg, tmp_path):
 def _fake_checkpoint(path, missing: str = ""):
     path.mkdir(parents=True)
     for name in REQUIRED:
-        if name != missing:
+        if name != checkpoint.MANIFEST_NAME:
             (path / name).write_text("x")
+    checkpoint.write_manifest(path)
+    if missing:
+        (path / missing).unlink()
 
 
 def test_find_latest_ignores_tmp_and_incomplete_folders(tmp_path):
@@ -136,7 +139,7 @@ def test_resume_latest_without_a_checkpoint_names_out_dir(tiny_cfg, tmp_path):
         train(cfg)
 
 
-def test_interrupted_save_leaves_only_a_tmp_folder(tiny_model, tmp_path, monkeypatch):
+def test_failed_save_leaves_no_folder(tiny_model, tmp_path, monkeypatch):
     model = tiny_model
     objective = Objective(model.cfg.objective)
     optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-3)
@@ -149,7 +152,7 @@ def test_interrupted_save_leaves_only_a_tmp_folder(tiny_model, tmp_path, monkeyp
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(tmp_path, state, model, objective, optimizer, scheduler)
-    assert (tmp_path / "checkpoint-7.tmp").is_dir() and not (tmp_path / "checkpoint-7").exists()
+    assert list(tmp_path.iterdir()) == []  # the partial .tmp folder is removed
     assert find_latest(tmp_path) is None
     monkeypatch.undo()
     path = checkpoint.save_checkpoint(tmp_path, state, model, objective, optimizer, scheduler)

@@ -268,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     from vlmalign.config import ConfigError
+    from vlmalign.data.sample import DataQualityError
+    from vlmalign.errors import DiskFullError, TrainingOOMError
     from vlmalign.models.registry import UnknownIdError
+    from vlmalign.train.checkpoint import CheckpointError
+    from vlmalign.train.guard import NonFiniteError
+    from vlmalign.train.trainer import TrainingInterrupted
 
     try:
         return args.fn(args)
@@ -278,6 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         console.print(f"[red]not found:[/] {e}")
         return 2
+    except (DataQualityError, CheckpointError, DiskFullError, TrainingOOMError, NonFiniteError) as e:
+        console.print(f"[red]{type(e).__name__}:[/] {e}", highlight=False)
+        return 1
+    except ImportError as e:
+        if "pip install" not in str(e):  # a missing optional extra names its install command
+            raise
+        console.print(f"[red]missing dependency:[/] {e}", highlight=False)
+        return 1
+    except TrainingInterrupted as e:
+        console.print(f"[yellow]{e}")
+        return 128 + e.signum  # the shell's convention for a run ended by a signal
 
 
 if __name__ == "__main__":

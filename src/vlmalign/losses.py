@@ -254,8 +254,21 @@ def patch_token_contrastive_loss(
             f"patch_token_contrastive_loss pairs image i with text i: batch sizes differ "
             f"({visual.shape[0]} images, {text_tokens.shape[0]} texts)."
         )
-    v = _mean_unit_visual(visual)  # [B, D]
-    e = _mean_unit_text(text_tokens, text_mask)  # [B, D]
+    v, e = patch_token_vectors(visual, text_tokens, text_mask)
+    return patch_vector_loss(v, e, tau, gather=gather)
+
+
+def patch_token_vectors(visual: Tensor, text_tokens: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-sample vectors the patch-token similarity factorises into: mean_q v_q/|v_q|
+    and mean over valid t of e_t/|e_t|, both [B, D] (s(i, j) is their dot product)."""
+    _check_patch_inputs(visual, text_tokens, text_mask)
+    return _mean_unit_visual(visual), _mean_unit_text(text_tokens, text_mask)
+
+
+def patch_vector_loss(v: Tensor, e: Tensor, tau: float, gather: bool = False) -> dict[str, Tensor]:
+    """The patch-token contrastive loss from `patch_token_vectors` ([B, D] each): symmetric
+    InfoNCE over v @ e^T / tau, positives on the diagonal (gathered across ranks with
+    ``gather=True``, as in ``patch_token_contrastive_loss``). Returns {"patch_loss": scalar}."""
     all_v = gather_with_grad(v) if gather else v  # [W*B, D]
     all_e = gather_with_grad(e) if gather else e  # [W*B, D]
     targets = _targets(v.shape[0], gather, v.device)

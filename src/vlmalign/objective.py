@@ -84,43 +84,90 @@ class Objective(nn.Module):
         """exp(log scale), clamped at max_logit_scale (CLIP clamps at 100)."""
         return self.log_logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
-    def forward(self, model: VLM, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """(total loss, parts) for a collated batch (data.collate.CaptionCollator): parts
-        holds each weighted loss's unweighted value (``ntp_loss``, ``patch_loss``, ...),
-        ``ntp_tokens``, ``logit_scale`` and the detached ``loss``."""
+    @property
+    def contrastive_active(self) -> bool:
+        """Whether a loss couples the samples of a batch (negatives): accumulation must
+        then cache representations (GradCache) to stay exact."""
+        return self.uses_embeddings or self.uses_patch
+
+    def forward(self, model: VLM, batch: dict, replay: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, parts) for a collated batch (data/collate.py, data/short_long.py):
+        parts holds each weighted loss's unweighted value (``ntp_loss``, ``patch_loss``,
+        ...), ``ntp_tokens``, ``logit_scale`` and the detached ``loss``.
+
+        ``replay`` (GradCache accumulation, train/step.py): {"grads": d loss / d
+        representation for this micro-batch, "ntp_factor": N_k / N of the effective batch};
+        the returned total is then the surrogate whose gradient is this micro-batch's share
+        of the effective batch's gradient."""
         c = self.cfg
         visual = model.visual_tokens(batch.get("pixel_values"), batch.get("features"))  # [B, Q, D]
         parts: dict[str, Tensor] = {}
         total = visual.new_zeros(())
-        # Row subsets (discriminative data: long captions train NTP, short ones the
-        # contrastive loss); every row otherwise.
-        ntp_rows, emb_rows = batch.get("ntp_rows"), batch.get("emb_rows")
         if c.ntp_weight > 0:
-            if "input_ids" in batch:
-                ntp_visual = visual if ntp_rows is None else visual[ntp_rows.to(visual.device)]
-                parts |= model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual)
-            else:  # no long caption in this batch: an exact zero that keeps the graph
-                zero_tokens = torch.zeros((), dtype=torch.long, device=visual.device)
-                parts |= {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": zero_tokens}
-            if self.gather:
+            parts |= self.ntp_part(model, batch, visual)
+            ntp = parts["ntp_loss"]
+            if replay is not None:
+                ntp = ntp * replay["ntp_factor"]
+            elif self.gather:
                 # [Contract] model.ntp returns S_r / N_r; make it W * S_r / N (rank_token_weight).
-                parts["ntp_loss"] = parts["ntp_loss"] * rank_token_weight(parts["ntp_tokens"])
-            total = total + c.ntp_weight * parts["ntp_loss"]
+                ntp = parts["ntp_loss"] = ntp * rank_token_weight(parts["ntp_tokens"])
+            total = total + c.ntp_weight * ntp
+        if self.contrastive_active:
+            reps = self.representations(model, batch, visual)
+            if replay is not None:
+                for key, rep in reps.items():
+                    total = total + (rep * replay["grads"][key].to(rep.dtype)).sum()
+                # The temperature's gradient came from the cached-representation loss; a zero
+                # term marks it used so DDP still averages it across ranks.
+                total = total + sum(p.sum() * 0.0 for p in self.parameters())
+            else:
+                loss, cparts = self.contrastive(reps)
+                total = total + loss
+                parts |= cparts
+        parts["loss"] = total.detach()
+        return total, parts
+
+    def ntp_part(self, model: VLM, batch: dict, visual: Tensor) -> dict[str, Tensor]:
+        """Per-token mean next-token loss of the batch's sequences (`ntp_rows` of the
+        images when the batch has row subsets) and its token count."""
+        if "input_ids" not in batch:  # no long caption in this batch: an exact zero that keeps the graph
+            return {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": torch.zeros((), dtype=torch.long, device=visual.device)}
+        rows = batch.get("ntp_rows")
+        ntp_visual = visual if rows is None else visual[rows.to(visual.device)]
+        return model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual)
+
+    def representations(self, model: VLM, batch: dict, visual: Tensor) -> dict[str, Tensor]:
+        """What the contrastive losses see, per sample: `patch_v` / `patch_e` ([B, D],
+        CG-VLM's factorised patch-token vectors) and `image_emb` / `text_emb` ([B_s, D],
+        prompted embeddings of the `emb_rows`)."""
+        c = self.cfg
+        reps: dict[str, Tensor] = {}
         if self.uses_patch:
             pooled = losses.pool_visual_tokens(visual, model.projector.output_grid, c.patch_pool)
             tokens = model.input_embeddings(batch["caption_ids"])  # [B, Tc, D]
-            parts |= losses.patch_token_contrastive_loss(
-                pooled, tokens, batch["caption_mask"], c.patch_tau, gather=self.gather
-            )
-            total = total + c.patch_weight * parts["patch_loss"]
+            reps["patch_v"], reps["patch_e"] = losses.patch_token_vectors(pooled, tokens, batch["caption_mask"])
         if self.uses_embeddings:
-            emb_visual = visual if emb_rows is None else visual[emb_rows.to(visual.device)]
-            image_emb = model.finish_embedding(model.image_states(emb_visual))
+            rows = batch.get("emb_rows")
+            emb_visual = visual if rows is None else visual[rows.to(visual.device)]
+            reps["image_emb"] = model.finish_embedding(model.image_states(emb_visual))
             states = batch.get("text_states")
             if states is None:
                 states = model.text_states(batch["captions"])
-            text_emb = model.finish_embedding(states.to(image_emb.device))
+            reps["text_emb"] = model.finish_embedding(states.to(reps["image_emb"].device))
+        return reps
+
+    def contrastive(self, reps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted contrastive losses over representations (a batch, or a whole effective
+        batch of cached ones), gathered across ranks when `gather`."""
+        c = self.cfg
+        parts: dict[str, Tensor] = {}
+        total = next(iter(reps.values())).new_zeros(())
+        if self.uses_patch:
+            parts |= losses.patch_vector_loss(reps["patch_v"], reps["patch_e"], c.patch_tau, gather=self.gather)
+            total = total + c.patch_weight * parts["patch_loss"]
+        if self.uses_embeddings:
             scale = self.logit_scale()
+            image_emb, text_emb = reps["image_emb"], reps["text_emb"]
             if c.contrastive == "clip":
                 parts |= losses.clip_loss(image_emb, text_emb, scale, gather=self.gather)
                 total = total + c.contrastive_weight * parts["clip_loss"]
@@ -128,5 +175,4 @@ class Objective(nn.Module):
                 parts |= losses.siglip_loss(image_emb, text_emb, scale, self.logit_bias, gather=self.gather)
                 total = total + c.contrastive_weight * parts["siglip_loss"]
             parts["logit_scale"] = scale.detach()
-        parts["loss"] = total.detach()
         return total, parts

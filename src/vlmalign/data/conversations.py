@@ -23,19 +23,24 @@ Loader skip reasons (counted in the `LoadReport`, with `file:[index]` examples):
 - `not_alternating`: turns not user, assistant, user, ... starting with the user
 - `no_assistant_turn`: no assistant turn at all; `ends_with_user`: a trailing user turn
 - `misplaced_image_marker`, `multiple_image_markers`, `marker_without_image`
+- `outside_root`: an image path that leaves the data root (`image_root`, by default the
+  file's folder), unless `allow_outside_root=True` (`data.allow_outside_root`)
 - `missing_image` (file not found), `bad_image` (with `check_images=True`)
 - `no_image`: a text-only record, when `allow_text_only=False`
+- `duplicate_record`: a record identical to an earlier one (the later copy)
+- `bad_encoding`: a `.jsonl` line that is not UTF-8 (its byte offset in the detail); a
+  `.json` file that is not UTF-8 raises ValueError naming the offset, line and column
 
-Repairs (the record is kept) are counted in `ConversationLoadReport.repaired`:
+Repairs (the record is kept) are counted in `LoadReport.repaired`:
 `inserted_image_marker` (an image but no marker: `"<image>\\n"` put at the start of the
-first user turn, as LLaVA's format expects).
+first user turn, as LLaVA's format expects) and `duplicate_id` (an id used before,
+renamed `id#2`, ...: LLaVA's files reuse an image's id for several conversations).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlmalign.data.collate import IGNORE_INDEX
-from vlmalign.data.formats import check_image, require_strings
+from vlmalign.data.formats import (
+    DuplicateTracker,
+    check_image,
+    json_type,
+    read_json_file,
+    read_text_lines,
+    require_strings,
+    resolve_image_path,
+)
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
@@ -78,67 +91,28 @@ class Conversation:
 
 
 class ConversationLoadReport(LoadReport):
-    """A `LoadReport` that also counts repairs: records kept after a fix (e.g. a missing
-    `<image>` marker inserted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._repairs: Counter[str] = Counter()
-        self._repair_examples: dict[str, list[str]] = {}
-
-    def repair(self, reason: str, where: str, detail: str = "") -> None:
-        """Record one record kept after a fix: `reason` (a short key), `where`, `detail`."""
-        self._repairs[reason] += 1
-        examples = self._repair_examples.setdefault(reason, [])
-        if len(examples) < self.max_examples:
-            examples.append(f"{where}: {detail}" if detail else where)
-
-    @property
-    def repaired(self) -> dict[str, int]:
-        """Repair counts by reason (a copy)."""
-        return dict(self._repairs)
-
-    def as_dict(self) -> dict:
-        """`LoadReport.as_dict()` plus `"repaired": {reason: count}`."""
-        return {**super().as_dict(), "repaired": dict(self._repairs)}
-
-    def summary(self) -> str:
-        """`LoadReport.summary()` followed by the repairs, if any."""
-        parts = [super().summary()]
-        if self._repairs:
-            parts.append("Repaired: " + "; ".join(
-                f"{count} {reason} (e.g. {self._repair_examples[reason][0]})"
-                for reason, count in self._repairs.most_common()) + ".")
-        return " ".join(p for p in parts if p)
+    """A `LoadReport` for conversations (repairs, e.g. an inserted `<image>` marker, are
+    counted by every `LoadReport` now; the name is kept for callers)."""
 
 
 # ---------------------------------------------------------------- loading
 
 
 def _read_records(path: Path, report: LoadReport) -> list[tuple[str, Any]]:
-    """[(where, record)] from a `.json` list (malformed: ValueError) or a `.jsonl` file."""
+    """[(where, record)] from a `.json` list (malformed or not UTF-8: ValueError naming the
+    position) or a `.jsonl` file (bad lines counted)."""
     if path.suffix == ".jsonl":
         out = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in read_text_lines(path, report):
             try:
                 out.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} at column {err.colno}")
+                report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} (column {err.colno})")
         return out
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno} "
-            f"(character {err.pos}); fix the file there or regenerate it"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); re-encode it") from err
+    data = read_json_file(path)
     if not isinstance(data, list):
         raise ValueError(
-            f"{path} holds a JSON {type(data).__name__}; a LLaVA conversation file is a list "
+            f"{path} holds a JSON {json_type(data)}; a LLaVA conversation file is a list "
             '[{"id", "image", "conversations": [...]}, ...]'
         )
     return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
@@ -146,12 +120,12 @@ def _read_records(path: Path, report: LoadReport) -> list[tuple[str, Any]]:
 
 def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, str]] | None:
     if not isinstance(raw, list):
-        report.skip("wrong_type", where, f"'conversations' must be a list, got {type(raw).__name__}")
+        report.skip("wrong_type", where, f"'conversations' must be a list, got {json_type(raw)}")
         return None
     turns: list[tuple[str, str]] = []
     for k, turn in enumerate(raw):
         if not isinstance(turn, dict):
-            report.skip("not_an_object", where, f"turn {k} is a {type(turn).__name__}, not an object")
+            report.skip("not_an_object", where, f"turn {k} is a {json_type(turn)}, not an object")
             return None
         if not require_strings(turn, ("from", "value"), where, report, what=f"turn {k}: "):
             return None
@@ -179,10 +153,10 @@ def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, st
 
 def _parse_conversation(
     rec: Any, where: str, default_id: str, root: Path, report: LoadReport,
-    check_images: bool, allow_text_only: bool,
+    check_images: bool, allow_text_only: bool, allow_outside_root: bool, dups: DuplicateTracker,
 ) -> Conversation | None:
     if not isinstance(rec, dict):
-        report.skip("not_an_object", where, f"expected a JSON object, got {type(rec).__name__}")
+        report.skip("not_an_object", where, f"expected a JSON object, got {json_type(rec)}")
         return None
     if "conversations" not in rec:
         report.skip("missing_key", where, "no 'conversations' key")
@@ -214,16 +188,20 @@ def _parse_conversation(
             return None
         image = None
     else:
-        p = Path(image_field).expanduser()
-        image = (p if p.is_absolute() else root / p).resolve()
+        found = resolve_image_path(image_field, [root], where, report, allow_outside_root)
+        if found is None:
+            return None
+        image = found[0]
+    if dups.is_duplicate_record(rec, where):
+        return None
+    if image is not None:
         if not check_image(image, where, report, check_images):
             return None
         if markers[0] == 0:
             turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
-            if isinstance(report, ConversationLoadReport):
-                report.repair("inserted_image_marker", where, f"{IMAGE_TOKEN} put at the start of the first human turn")
+            report.repair("inserted_image_marker", where, f"{IMAGE_TOKEN} put at the start of the first human turn")
     meta = {k: v for k, v in rec.items() if k not in ("id", "image", "conversations")}
-    return Conversation(id=str(rec_id), image=image, turns=turns, meta=meta)
+    return Conversation(id=dups.unique_id(str(rec_id), where), image=image, turns=turns, meta=meta)
 
 
 def load_conversations(
@@ -232,14 +210,17 @@ def load_conversations(
     report: LoadReport | None = None,
     check_images: bool = False,
     allow_text_only: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[Conversation]:
     """Load LLaVA-format conversations (see the module docstring for the format).
 
-    Relative image paths resolve against `image_root` (default: the file's folder).
-    Turn texts are stripped (templates such as Llama-3's trim them too). Bad records are
-    skipped and counted in `report` (a `ConversationLoadReport` also counts repairs);
-    a record without `id` gets `"{file stem}-{index}"`. Raises FileNotFoundError if
-    `path` is missing and ValueError if a `.json` file is not a valid JSON list.
+    Relative image paths resolve against `image_root` (default: the file's folder), the
+    data root images may not leave unless `allow_outside_root`. Turn texts are stripped
+    (templates such as Llama-3's trim them too). Bad records are skipped and counted in
+    `report`, repairs counted too (see the module docstring); a record without `id` gets
+    `"{file stem}-{index}"`, a repeated id becomes `"{id}#2"`. Raises
+    FileNotFoundError if `path` is missing and ValueError if a `.json` file is not a
+    valid UTF-8 JSON list (naming the position).
     """
     path = Path(path)
     if not path.is_file():
@@ -247,9 +228,10 @@ def load_conversations(
     report = report if report is not None else ConversationLoadReport()
     root = Path(image_root) if image_root is not None else path.parent
     out: list[Conversation] = []
+    dups = DuplicateTracker(report)
     for i, (where, rec) in enumerate(_read_records(path, report)):
         conv = _parse_conversation(
-            rec, where, f"{path.stem}-{i}", root, report, check_images, allow_text_only
+            rec, where, f"{path.stem}-{i}", root, report, check_images, allow_text_only, allow_outside_root, dups
         )
         if conv is not None:
             out.append(conv)

@@ -5,18 +5,35 @@ in a `LoadReport` under a short reason with its `file:line` (or `file:key`), so 
 line never crashes a run and never disappears silently. Reasons used:
 
 - `malformed_json`: a line (or a file inside a directory) that is not valid JSON
-- `bad_encoding`: a line that is not UTF-8
+- `bad_encoding`: a JSONL line that is not UTF-8 (the detail gives its byte offset in the
+  file); the line is skipped, never decoded with replacement characters, which would
+  train on garbled text. A whole-file JSON that is not UTF-8 raises ValueError naming
+  the byte offset, line and column.
 - `not_an_object`: a record that is not a JSON object
 - `missing_key` / `wrong_type`: a required key absent, or a value of the wrong type
 - `empty_caption`: a caption (or negative caption) that is empty after stripping
 - `identical_negative`: a SugarCrepe negative equal to its positive
+- `duplicate_record`: a record identical to an earlier one (every field equal); the later
+  copy is skipped, as it would only double that sample's weight
+- `outside_root`: an image path that leaves the data root (`../../etc/passwd`, an
+  absolute path elsewhere); allowed with `allow_outside_root=True`
+  (`data.allow_outside_root`). The check is on the path as written, so a symlink placed
+  inside the root by its owner is followed.
 - `missing_image`: the image file does not exist
 - `bad_image`: the image cannot be decoded (only with `check_images=True`)
+
+Duplicate ids with different content are kept (the data is real, the id is only a label;
+LLaVA's files reuse the image id for several conversations) and the later ones are
+renamed `id#2`, `id#3`, ... so ids stay unique downstream; they are counted in
+`LoadReport.repaired` as `duplicate_id`.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +41,12 @@ from .images import BadImageError, load_image
 from .sample import CompositionalItem, LoadReport, Sample
 
 CAPTION_KEYS = ("caption", "short_caption", "long_caption")
-_BOM = b"\xef\xbb\xbf"
+_BOM = codecs.BOM_UTF8
+_OTHER_BOMS = {
+    codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",  # before UTF-16: same prefix
+    codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16",
+}
+_REENCODE = "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`, or save as UTF-8 in your editor)"
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -35,9 +57,155 @@ def _require_file(path: Path, what: str) -> None:
         )
 
 
-def _resolve_image(image: str, root: Path) -> Path:
+def _reject_other_bom(path: Path, head: bytes) -> None:
+    for bom, name in _OTHER_BOMS.items():
+        if head.startswith(bom):
+            raise ValueError(f"{path} is {name}-encoded (it starts with a {name} byte-order mark); {_REENCODE}")
+
+
+def read_text_lines(path: Path, report: LoadReport) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) for each non-blank line of a UTF-8 text file.
+
+    A UTF-8 byte-order mark is dropped; a UTF-16/32 file raises ValueError (every line
+    would be garbage). A line that is not UTF-8 is skipped and counted as `bad_encoding`
+    with its byte offset in the file.
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1:
+                _reject_other_bom(path, raw)
+                if raw.startswith(_BOM):
+                    raw, start = raw[len(_BOM):], start + len(_BOM)
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                report.skip(
+                    "bad_encoding", f"{path}:{lineno}",
+                    f"not UTF-8: byte 0x{raw[err.start]:02x} at file offset {start + err.start} "
+                    f"(column {err.start + 1}, {err.reason}); {_REENCODE}",
+                )
+                continue
+            if line:
+                yield lineno, line
+
+
+class _Pairs(dict):
+    """A JSON object that also keeps its (key, value) pairs in order, duplicates included
+    (`json` otherwise keeps only the last value of a repeated key, silently)."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _keep_pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
+    obj = _Pairs(pairs)
+    obj.pairs = pairs
+    return obj
+
+
+def read_json_file(path: Path, keep_duplicate_keys: bool = False) -> Any:
+    """Parse a whole-file JSON document, with errors that name the file and position.
+
+    Not UTF-8 -> ValueError with the byte offset, line and column of the first bad byte;
+    invalid JSON -> ValueError with line, column and character offset. A UTF-8 BOM is
+    dropped. With `keep_duplicate_keys` every object is a `dict` whose `.pairs` holds all
+    its (key, value) pairs, repeated keys included.
+    """
+    data = path.read_bytes()
+    _reject_other_bom(path, data[:4])
+    skip = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        pos = skip + err.start
+        line = data.count(b"\n", 0, pos) + 1
+        column = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
+        raise ValueError(
+            f"{path} is not UTF-8: byte 0x{data[pos]:02x} at offset {pos} (line {line}, column "
+            f"{column}, {err.reason}); {_REENCODE}"
+        ) from None
+    try:
+        return json.loads(text, object_pairs_hook=_keep_pairs if keep_duplicate_keys else None)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno} "
+            f"(character {err.pos}); fix the file there or regenerate it"
+        ) from None
+
+
+_JSON_TYPES = {dict: "object", _Pairs: "object", list: "array", str: "string", int: "number",
+               float: "number", bool: "boolean", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type ("object", "array", "null", ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def resolve_image_path(
+    image: str, roots: list[Path], where: str, report: LoadReport, allow_outside_root: bool = False
+) -> list[Path] | None:
+    """Candidate absolute paths of a record's image, one per root (relative paths resolve
+    against each root in turn; an absolute path is itself), keeping only those inside
+    the outermost root `roots[-1]` unless `allow_outside_root`. None (after counting an
+    `outside_root` skip) when every candidate leaves the root. The check is lexical
+    (`..` collapsed, symlinks not followed), so the file is not even looked at."""
     p = Path(image).expanduser()
-    return (p if p.is_absolute() else root / p).resolve()
+    candidates = [p] if p.is_absolute() else [root / p for root in roots]
+    if not allow_outside_root:
+        top = os.path.abspath(roots[-1])
+        kept = [c for c in candidates if _inside(os.path.abspath(c), top)]
+        if not kept:
+            report.skip(
+                "outside_root", where,
+                f"image path {image!r} resolves to {os.path.abspath(candidates[0])}, outside the data root "
+                f"{top}; move the image under the root, or set data.allow_outside_root=true if you "
+                "trust this file",
+            )
+            return None
+        candidates = kept
+    return [c.resolve() for c in candidates]
+
+
+class DuplicateTracker:
+    """Ids and record contents seen so far in one load: skips exact duplicate records
+    (`duplicate_record`) and renames repeated ids (`duplicate_id`, a repair)."""
+
+    def __init__(self, report: LoadReport) -> None:
+        self.report = report
+        self._ids: dict[str, str] = {}  # id -> where it was first seen
+        self._records: dict[str, str] = {}  # canonical JSON -> where it was first seen
+        self._next: dict[str, int] = {}
+
+    def is_duplicate_record(self, rec: Any, where: str) -> bool:
+        """True (and the skip counted) if `rec` equals an earlier record in every field."""
+        key = json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str)
+        if key in self._records:
+            self.report.skip("duplicate_record", where, f"identical to the record at {self._records[key]}")
+            return True
+        self._records[key] = where
+        return False
+
+    def unique_id(self, rec_id: str, where: str) -> str:
+        """`rec_id`, or `rec_id#k` (k = 2, 3, ...) with a `duplicate_id` repair counted
+        when the id was used before."""
+        if rec_id not in self._ids:
+            self._ids[rec_id] = where
+            return rec_id
+        first = self._ids[rec_id]
+        k = self._next.get(rec_id, 2)
+        while f"{rec_id}#{k}" in self._ids:
+            k += 1
+        self._next[rec_id] = k + 1
+        new = f"{rec_id}#{k}"
+        self._ids[new] = where
+        self.report.repair("duplicate_id", where, f"id {rec_id!r} already used at {first}; kept as {new!r}")
+        return new
 
 
 def require_strings(rec: dict, keys: tuple[str, ...], where: str, report: LoadReport, what: str = "") -> bool:
@@ -48,9 +216,18 @@ def require_strings(rec: dict, keys: tuple[str, ...], where: str, report: LoadRe
             report.skip("missing_key", where, f"{what}no {key!r} key")
             return False
         if not isinstance(rec[key], str):
-            report.skip("wrong_type", where, f"{what}{key!r} must be a string, got {type(rec[key]).__name__}")
+            report.skip("wrong_type", where, f"{what}{key!r} must be a string, got {json_type(rec[key])}")
             return False
     return True
+
+
+def valid_id(rec: dict, where: str, report: LoadReport) -> bool:
+    """True when `rec` has no `id` or a string / integer one; else a `wrong_type` skip."""
+    rec_id = rec.get("id")
+    if rec_id is None or (isinstance(rec_id, (str, int)) and not isinstance(rec_id, bool)):
+        return True
+    report.skip("wrong_type", where, f"'id' must be a string or integer, got {rec_id!r}")
+    return False
 
 
 def check_image(
@@ -75,6 +252,7 @@ def load_captions_jsonl(
     caption_field: str = "caption",
     report: LoadReport | None = None,
     check_images: bool = False,
+    allow_outside_root: bool = False,
 ) -> list[Sample]:
     """Load image-caption pairs from a JSONL file, one JSON object per line.
 
@@ -82,33 +260,26 @@ def load_captions_jsonl(
     `long_caption` and `id` (VladVA-style data); any other keys go to `Sample.meta`.
     `Sample.caption` is the value of `caption_field`, or `short_caption` when that key is
     absent. Relative image paths resolve against `image_root` (default: the JSONL's
-    folder). Bad lines are skipped and counted in `report` (see the module docstring);
-    blank lines are ignored. With `check_images=True` every image is decoded once.
-    Raises FileNotFoundError if `path` does not exist.
+    folder), which is also the data root images may not leave unless
+    `allow_outside_root`. Bad lines are skipped and counted in `report`, duplicate ids
+    renamed (see the module docstring); blank lines are ignored. With
+    `check_images=True` every image is decoded once. Raises FileNotFoundError if `path`
+    does not exist, ValueError if it is UTF-16/32.
     """
     path = Path(path)
     _require_file(path, "captions JSONL")
     report = report if report is not None else LoadReport()
     root = Path(image_root) if image_root is not None else path.parent
+    dups = DuplicateTracker(report)
     samples: list[Sample] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                report.skip("bad_encoding", where, f"not UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if not line:
-                continue
-            sample = _parse_caption_record(line, where, root, caption_field, report, check_images)
-            if sample is not None:
-                if not sample.id:
-                    sample.id = f"{path.stem}:{lineno}"
-                samples.append(sample)
-                report.loaded += 1
+    for lineno, line in read_text_lines(path, report):
+        where = f"{path}:{lineno}"
+        sample = _parse_caption_record(line, where, root, caption_field, report, check_images,
+                                       allow_outside_root, dups)
+        if sample is not None:
+            sample.id = dups.unique_id(sample.id or f"{path.stem}:{lineno}", where)
+            samples.append(sample)
+            report.loaded += 1
     return samples
 
 
@@ -119,14 +290,16 @@ def _parse_caption_record(
     caption_field: str,
     report: LoadReport,
     check_images: bool,
+    allow_outside_root: bool,
+    dups: DuplicateTracker,
 ) -> Sample | None:
     try:
         rec: Any = json.loads(line)
     except json.JSONDecodeError as err:
-        report.skip("malformed_json", where, f"{err.msg} at column {err.colno}")
+        report.skip("malformed_json", where, f"{err.msg} (column {err.colno})")
         return None
     if not isinstance(rec, dict):
-        report.skip("not_an_object", where, f"expected a JSON object, got {type(rec).__name__}")
+        report.skip("not_an_object", where, f"expected a JSON object, got {json_type(rec)}")
         return None
     if "image" not in rec:
         report.skip("missing_key", where, "no 'image' key")
@@ -134,9 +307,11 @@ def _parse_caption_record(
     if not isinstance(rec["image"], str) or not rec["image"].strip():
         report.skip("wrong_type", where, f"'image' must be a non-empty string, got {rec['image']!r}")
         return None
+    if not valid_id(rec, where, report):
+        return None
     for key in dict.fromkeys((caption_field, *CAPTION_KEYS)):
         if key in rec and not isinstance(rec[key], str):
-            report.skip("wrong_type", where, f"{key!r} must be a string, got {type(rec[key]).__name__}")
+            report.skip("wrong_type", where, f"{key!r} must be a string, got {json_type(rec[key])}")
             return None
     key = caption_field if caption_field in rec else "short_caption"
     if key not in rec:
@@ -149,7 +324,10 @@ def _parse_caption_record(
     if not caption:
         report.skip("empty_caption", where, f"{key!r} is empty")
         return None
-    image_path = _resolve_image(rec["image"], root)
+    found = resolve_image_path(rec["image"], [root], where, report, allow_outside_root)
+    if found is None or dups.is_duplicate_record(rec, where):
+        return None
+    image_path = found[0]
     if not check_image(image_path, where, report, check_images):
         return None
     known = {"id", "image", caption_field, *CAPTION_KEYS}
@@ -168,6 +346,7 @@ def load_sugarcrepe(
     image_root: str | Path | None = None,
     report: LoadReport | None = None,
     check_images: bool = False,
+    allow_outside_root: bool = False,
 ) -> list[CompositionalItem]:
     """Load SugarCrepe-style compositionality tests (Hsieh et al., 2023).
 
@@ -177,9 +356,12 @@ def load_sugarcrepe(
     hold a list of records, each with its own `"category"` (default: the file stem) and
     optional `"id"`. Relative filenames resolve against `image_root`; by default the
     JSON's folder is tried first, then its parent (the `shapes` layout:
-    `out/sugarcrepe/*.json` with filenames relative to `out/`). Bad records are counted
-    in `report`; in a directory an unparsable file is counted as one `malformed_json`
-    skip, while a single unparsable file given as `path` raises ValueError.
+    `out/sugarcrepe/*.json` with filenames relative to `out/`). The data root images may
+    not leave (unless `allow_outside_root`) is `image_root`, by default that parent.
+    Bad records are counted in `report`; ids repeated within a category (a key written
+    twice in one object, which `json` would drop silently) are renamed `id#2`. In a
+    directory an unparsable file is counted as one `malformed_json` skip, while a
+    single unparsable file given as `path` raises ValueError naming the position.
     """
     path = Path(path)
     _require_file(path, "SugarCrepe")
@@ -191,27 +373,34 @@ def load_sugarcrepe(
     else:
         files = [path]
     items: list[CompositionalItem] = []
+    trackers: dict[str, DuplicateTracker] = {}  # per category: ids repeat across categories
     for file in files:
         try:
-            data = json.loads(file.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = read_json_file(file, keep_duplicate_keys=True)
+        except ValueError as err:
             if not path.is_dir():
-                raise ValueError(f"{file} is not valid UTF-8 JSON ({err}); fix or re-download it") from err
+                raise
             report.skip("malformed_json", str(file), f"whole file skipped: {err}")
             continue
         if isinstance(data, dict):
-            records = [(f"{file}:{key}", str(key), rec) for key, rec in data.items()]
+            seen: dict[str, int] = {}
+            records = []
+            for key, rec in data.pairs:
+                seen[key] = seen.get(key, 0) + 1
+                where = f"{file}:{key}" + (f" (repeat {seen[key]} of key {key!r})" if seen[key] > 1 else "")
+                records.append((where, str(key), rec))
         elif isinstance(data, list):
             records = [(f"{file}:[{i}]", f"{file.stem}-{i}", rec) for i, rec in enumerate(data)]
         else:
-            msg = f"{file} holds a JSON {type(data).__name__}; expected a dict id -> record or a list"
+            msg = f"{file} holds a JSON {json_type(data)}; expected a dict id -> record or a list"
             if not path.is_dir():
                 raise ValueError(msg)
             report.skip("not_an_object", str(file), msg)
             continue
         roots = [Path(image_root)] if image_root is not None else [file.parent, file.parent.parent]
         for where, default_id, rec in records:
-            item = _parse_sugarcrepe_record(rec, where, default_id, file.stem, roots, report, check_images)
+            item = _parse_sugarcrepe_record(rec, where, default_id, file.stem, roots, report, check_images,
+                                            allow_outside_root, trackers)
             if item is not None:
                 items.append(item)
                 report.loaded += 1
@@ -226,12 +415,20 @@ def _parse_sugarcrepe_record(
     roots: list[Path],
     report: LoadReport,
     check_images: bool,
+    allow_outside_root: bool,
+    trackers: dict[str, DuplicateTracker],
 ) -> CompositionalItem | None:
     if not isinstance(rec, dict):
-        report.skip("not_an_object", where, f"expected a JSON object, got {type(rec).__name__}")
+        report.skip("not_an_object", where, f"expected a JSON object, got {json_type(rec)}")
         return None
     image_key = "filename" if "filename" in rec else "image"
     if not require_strings(rec, (image_key, "caption", "negative_caption"), where, report):
+        return None
+    if not valid_id(rec, where, report):
+        return None
+    category = rec.get("category", default_category)
+    if not isinstance(category, str) or not category.strip():
+        report.skip("wrong_type", where, f"'category' must be a non-empty string, got {category!r}")
         return None
     caption, negative = rec["caption"].strip(), rec["negative_caption"].strip()
     if not caption or not negative:
@@ -240,7 +437,12 @@ def _parse_sugarcrepe_record(
     if caption == negative:
         report.skip("identical_negative", where, "negative_caption equals caption")
         return None
-    candidates = [_resolve_image(rec[image_key], root) for root in roots]
+    candidates = resolve_image_path(rec[image_key], roots, where, report, allow_outside_root)
+    if candidates is None:
+        return None
+    dups = trackers.setdefault(category, DuplicateTracker(report))
+    if dups.is_duplicate_record(rec, where):
+        return None
     image_path = next((p for p in candidates if p.is_file()), None)
     if image_path is None:
         looked = " or ".join(str(p) for p in dict.fromkeys(candidates))
@@ -248,11 +450,10 @@ def _parse_sugarcrepe_record(
         return None
     if not check_image(image_path, where, report, check_images):
         return None
-    category = rec.get("category", default_category)
     return CompositionalItem(
-        id=str(rec.get("id", default_id)),
+        id=dups.unique_id(str(rec.get("id", default_id)), where),
         image=image_path,
         caption=caption,
         negative_caption=negative,
-        category=str(category),
+        category=category,
     )

@@ -2,15 +2,20 @@
 
 `load_image` always returns a fully decoded 8-bit RGB `PIL.Image.Image` or raises
 `BadImageError`, which loaders turn into a counted skip. Truncated files are errors:
-`PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is left off on purpose (it pads with grey).
+`PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is left off on purpose (it pads with grey; if
+other code turns it on, a warning says truncation can no longer be detected).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
+
+log = logging.getLogger(__name__)
+_warned_truncated_flag = False
 
 MIN_IMAGE_SIDE = 2  # pixels; a 1-pixel image is almost certainly a placeholder or a bug
 
@@ -65,16 +70,28 @@ def load_image(path: str | Path) -> Image.Image:
     cannot decode, a truncated file (decoding is forced with `img.load()`), or an image
     smaller than 2x2 pixels.
     """
+    global _warned_truncated_flag
     path = Path(path)
     if not path.is_file():
         raise BadImageError(path, "file not found" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "unreadable: the file is empty (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
+        _warned_truncated_flag = True
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code: truncated "
+                    "images will load padded with grey instead of being skipped")
     try:
         with Image.open(path) as img:
             img.load()  # force the full decode: truncation surfaces here, not later
-            img = ImageOps.exif_transpose(img) or img
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception as err:  # corrupt EXIF: the pixels are fine, keep them unrotated
+                log.warning("ignoring unreadable EXIF orientation of %s (%s)", path, err)
             rgb = _to_rgb(img)
-    except BadImageError:
-        raise
+    except Image.DecompressionBombError as err:
+        raise BadImageError(
+            path, f"too many pixels ({err}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from err
     except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ...)
         raise BadImageError(path, f"unreadable or truncated ({type(err).__name__}: {err})") from err
     width, height = rgb.size

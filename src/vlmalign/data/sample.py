@@ -40,11 +40,17 @@ class CompositionalItem:
     category: str  # e.g. "replace_att"
 
 
+class DataQualityError(ValueError):
+    """Too much of a dataset was skipped as bad input (see `LoadReport.check_skip_fraction`)."""
+
+
 class LoadReport:
     """Counts skipped records by reason, keeping a few examples (`file:line: detail`) each.
 
     Loaders call `skip(...)` for each bad record and increment `loaded` for each good one,
-    so bad input is never lost silently and never crashes a run mid-file.
+    so bad input is never lost silently and never crashes a run mid-file. Records kept
+    after a fix or with a warning (an inserted `<image>` marker, a renamed duplicate id)
+    are counted apart with `repair(...)`; they are loaded, not skipped.
     """
 
     max_examples: int = 3  # examples kept per reason
@@ -53,11 +59,20 @@ class LoadReport:
         self.loaded: int = 0
         self._counts: Counter[str] = Counter()
         self._examples: dict[str, list[str]] = {}
+        self._repairs: Counter[str] = Counter()
+        self._repair_examples: dict[str, list[str]] = {}
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         """Record one skipped record: `reason` (a short key), `where` (`file:line`), `detail`."""
         self._counts[reason] += 1
         examples = self._examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(f"{where}: {detail}" if detail else where)
+
+    def repair(self, reason: str, where: str, detail: str = "") -> None:
+        """Record one record kept after a fix or with a warning: `reason`, `where`, `detail`."""
+        self._repairs[reason] += 1
+        examples = self._repair_examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(f"{where}: {detail}" if detail else where)
 
@@ -70,26 +85,63 @@ class LoadReport:
         """Skip counts by reason (a copy)."""
         return dict(self._counts)
 
+    @property
+    def repaired(self) -> dict[str, int]:
+        """Repair / warning counts by reason (a copy)."""
+        return dict(self._repairs)
+
+    def skip_fraction(self) -> float:
+        """skipped / (loaded + skipped); 0.0 when nothing was read."""
+        total = self.loaded + self.total_skipped()
+        return self.total_skipped() / total if total else 0.0
+
+    def check_skip_fraction(self, max_fraction: float, what: str = "data") -> float:
+        """Raise `DataQualityError` when more than `max_fraction` of the records read were
+        skipped, i.e. skipped / (loaded + skipped) > max_fraction; else return that
+        fraction. `what` names the data in the message (e.g. "training data
+        /data/train.jsonl"). `max_fraction` >= 1 never raises. Call it once loading (and
+        image checking or feature caching) is done, before training starts.
+        """
+        if not 0.0 <= max_fraction:
+            raise ValueError(f"max_fraction must be >= 0, got {max_fraction}")
+        fraction = self.skip_fraction()
+        if fraction > max_fraction:
+            total = self.loaded + self.total_skipped()
+            raise DataQualityError(
+                f"{what}: {self.total_skipped()} of {total} records ({fraction:.1%}) were skipped as bad "
+                f"input, more than data.max_skip_fraction={max_fraction:g}. {self.summary()} "
+                "Fix the data at the lines named above (most skips share a cause: a wrong image_root, "
+                "a wrong caption_field, a file in another encoding), or raise data.max_skip_fraction "
+                "(--max-skip-fraction) to train on what is left."
+            )
+        return fraction
+
     def as_dict(self) -> dict:
-        """`{"loaded": n, "skipped": {reason: count}, "examples": {reason: [...]}}`."""
+        """`{"loaded": n, "skipped": {reason: count}, "examples": {reason: [...]},
+        "repaired": {reason: count}}`."""
         return {
             "loaded": self.loaded,
             "skipped": dict(self._counts),
             "examples": {k: list(v) for k, v in self._examples.items()},
+            "repaired": dict(self._repairs),
         }
 
     def summary(self) -> str:
-        """One human-readable paragraph; the empty string when nothing was skipped."""
+        """One human-readable paragraph; the empty string when nothing was skipped or
+        repaired."""
+        out = []
         total = self.total_skipped()
-        if total == 0:
-            return ""
-        parts = []
-        for reason, count in self._counts.most_common():
-            first = self._examples.get(reason, [""])[0]
-            parts.append(f"{count} {reason} (e.g. {first})")
-        return (
-            f"Loaded {self.loaded} records, skipped {total}: " + "; ".join(parts) + "."
-        )
+        if total:
+            parts = []
+            for reason, count in self._counts.most_common():
+                first = self._examples.get(reason, [""])[0]
+                parts.append(f"{count} {reason} (e.g. {first})")
+            out.append(f"Loaded {self.loaded} records, skipped {total}: " + "; ".join(parts) + ".")
+        if self._repairs:
+            out.append("Repaired: " + "; ".join(
+                f"{count} {reason} (e.g. {self._repair_examples[reason][0]})"
+                for reason, count in self._repairs.most_common()) + ".")
+        return " ".join(out)
 
     def __repr__(self) -> str:
-        return f"LoadReport(loaded={self.loaded}, skipped={dict(self._counts)})"
+        return f"LoadReport(loaded={self.loaded}, skipped={dict(self._counts)}, repaired={dict(self._repairs)})"

@@ -63,9 +63,9 @@ def _load_gguf_cached(name: str, gguf_path: Path) -> tuple[PreTrainedModel, PreT
     marker = target / ".complete"
     if not marker.exists():
         log.info("de-quantising %s to fp32 (once) into %s", gguf_path.name, target)
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
         )
         # The weights are plain fp32 now; drop the GGUF entry so the saved config loads as
         # an ordinary checkpoint (transformers refuses to save_pretrained a GGUF model).
@@ -83,8 +83,11 @@ def _load_gguf_cached(name: str, gguf_path: Path) -> tuple[PreTrainedModel, PreT
 
             shutil.rmtree(target)
         tmp.rename(target)
-    tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
+    # Our own conversion of a GGUF file: never code to run, whatever llm.trust_remote_code says.
+    tok = AutoTokenizer.from_pretrained(target, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        target, local_files_only=True, dtype=torch.float32, trust_remote_code=False
+    )
     return model, tok
 
 
@@ -164,9 +167,15 @@ def _tiny(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
 
 
 def _from_path_or_hub(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Any HF causal LM: a local directory (optionally holding `cfg.gguf_file`) or a hub id."""
+    """Any HF causal LM: a local directory (optionally holding `cfg.gguf_file`) or a hub id.
+
+    Python code shipped with a checkpoint (`auto_map` in its config) runs only with
+    `llm.trust_remote_code=true`; otherwise transformers' own class for the model type is
+    used, or loading fails. Weights load from safetensors, or from `.bin` files through
+    transformers' `torch.load(weights_only=True)`.
+    """
     local = Path(cfg.name).is_dir()
-    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
+    kwargs: dict = {"trust_remote_code": bool(cfg.trust_remote_code), "local_files_only": local}
     if cfg.gguf_file:
         if not local:
             raise FileNotFoundError(f"llm.gguf_file is set but llm.name={cfg.name!r} is not a directory")
@@ -180,6 +189,14 @@ def _from_path_or_hub(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
         raise OSError(
             f"could not load the LLM {cfg.name!r}: {e}\nPass a local directory, a hub id that is "
             f"reachable, or one of the packaged ids: {', '.join(LLMS.names())}"
+        ) from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or cfg.trust_remote_code:
+            raise
+        raise ValueError(
+            f"the LLM {cfg.name!r} needs Python code shipped with the checkpoint, which vlmalign does not "
+            "run unless you ask: read that code, then set llm.trust_remote_code=true. "
+            f"(transformers: {e})"
         ) from e
     return model, tok
 

@@ -424,13 +424,14 @@ def load_hf_vision_model(name: str) -> tuple[nn.Module, _HFVisionKind]:
 
     The class is chosen by the config's `model_type` (see `_HF_VISION_KINDS`); a full
     CLIP/SigLIP checkpoint loads only its vision half. A local dir loads with
-    `local_files_only=True`.
+    `local_files_only=True`. No code shipped with the checkpoint ever runs: the config is
+    read with `trust_remote_code=False` and the model class is transformers' own.
     """
     import transformers
 
     local = Path(name).is_dir()
     try:
-        config = transformers.AutoConfig.from_pretrained(name, local_files_only=local)
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=local, trust_remote_code=False)
     except OSError as e:
         raise OSError(
             f"could not read a HF config from {name!r} ({e}). Pass a local directory holding "

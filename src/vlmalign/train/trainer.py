@@ -25,13 +25,16 @@ from transformers import get_cosine_schedule_with_warmup
 
 from vlmalign.config import Config
 from vlmalign.data.sampler import LengthGroupedBatchSampler
+from vlmalign.errors import explain_oom
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
 from vlmalign.train import checkpoint
 from vlmalign.train.checkpoint import TrainingState
 from vlmalign.train.datasets import TrainData, build_trainset
+from vlmalign.train.guard import NonFiniteGuard, StopSignal
 from vlmalign.train.recipes import RECIPES, apply_recipe
 from vlmalign.train.runlog import RunLog
+from vlmalign.train.step import accumulate_gradients
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -57,8 +60,8 @@ class TrainStep(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict):
-        return self.objective(self.model, batch)
+    def forward(self, batch: dict, replay: dict | None = None):
+        return self.objective(self.model, batch, replay)
 
 
 def batch_sampler(lengths: list[int], cfg: Config) -> LengthGroupedBatchSampler:
@@ -70,8 +73,34 @@ def batch_sampler(lengths: list[int], cfg: Config) -> LengthGroupedBatchSampler:
     return LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed, group=LENGTH_GROUP)
 
 
-def _format_parts(parts: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.3f}" for k, v in parts.items())
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run after saving the checkpoint of its current step."""
+
+    def __init__(self, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"training stopped by signal {signum}; saved {checkpoint}; resume with train.resume=latest")
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+def _groups(loader, k: int):
+    """Micro-batches in groups of k (one optimizer step each); the epoch's last group may
+    be shorter."""
+    group: list[dict] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _agree(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when it is True on any (a stop request must reach all ranks
+    before the collective save)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(int(flag), device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum") > 0)
 
 
 def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) -> TrainResult:
@@ -82,8 +111,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     recipe = RECIPES.get(cfg.recipe)
     out_dir = Path(tc.out_dir)
     resume_from = checkpoint.resolve_resume(tc.resume, out_dir)  # fail before loading anything
-    accelerator = Accelerator(
-        gradient_accumulation_steps=tc.grad_accum_steps,
+    accelerator = Accelerator(  # accumulation is done here (train/step.py), not by Accelerate
         mixed_precision=tc.mixed_precision or None,  # "": the launcher's setting
         cpu=not torch.cuda.is_available(),
     )
@@ -105,7 +133,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         data = TrainData.prepare(model, cfg, recipe.data)
     elif data.kind != recipe.data:
         raise ValueError(f"recipe {recipe.name} trains on {recipe.data!r} data, got {data.kind!r}")
-    # WIRE: data.report.check_skip_fraction(cfg.data.max_skip_fraction, "training records")
+    data.report.check_skip_fraction(cfg.data.max_skip_fraction, "training data")
     trainset = build_trainset(model, objective, data, cfg)
     dataset = trainset.dataset
     sampler = batch_sampler(trainset.lengths, cfg)
@@ -126,23 +154,23 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     state = TrainingState()
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler)
-        accelerator.step = state.micro_step  # where the interrupted run was in its accumulation
         sampler.skip_next(state.batches_done)
         console.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     elif latest := checkpoint.find_latest(out_dir):
         console.print(f"[yellow]{out_dir} already holds checkpoints (newest {latest.name}); this run replaces those of the same steps")
 
+    guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    guard.load_state_dict(state.extra.get("nonfinite", {}))
+
     def save(extra: dict | None = None) -> Path:
         """The checkpoint of this step, written by the main process."""
-        state.extra = extra or state.extra
+        state.extra = (extra or state.extra) | {"nonfinite": guard.state_dict()}
         path = out_dir / f"checkpoint-{state.step}"
         if accelerator.is_main_process:
             checkpoint.save_checkpoint(out_dir, state, model, objective, optimizer, scheduler, accelerator.scaler)
         accelerator.wait_for_everyone()
         return path
 
-    running: dict[str, float] = {}
-    micro, t_log = 0, time.perf_counter()
     console.print(
         f"[bold]{recipe.name}[/] ({recipe.paper}): {len(dataset)} samples, batch {tc.batch_size}"
         f" x accum {tc.grad_accum_steps} x {accelerator.num_processes} processes, {tc.max_steps} steps,"
@@ -153,49 +181,43 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     model.vision.eval()
     runlog = RunLog(out_dir, tc.max_steps, enabled=accelerator.is_main_process, start_step=state.step, title=cfg.recipe,
                     samples_per_step=tc.batch_size * tc.grad_accum_steps * accelerator.num_processes, console=console)
-    with runlog:
-        while state.step < tc.max_steps:
+    logged: list[dict[str, float]] = []
+    t_log = time.perf_counter()
+    with runlog, StopSignal() as stop, explain_oom(tc.batch_size, tc.grad_accum_steps):
+        while state.step < tc.max_steps and not _agree(accelerator, stop.requested):
             loader.set_epoch(state.epoch)  # one process: Accelerate's loader passes it on
             sampler.set_epoch(state.epoch)  # several: its batch-sampler shard does not
-            for batch in loader:
-                with accelerator.accumulate(step_module):
-                    loss, parts = step_module(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss at step {state.step}: {_format_parts({k: float(v) for k, v in parts.items()})}")
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            for group in _groups(loader, tc.grad_accum_steps):
+                parts = accumulate_gradients(accelerator, step_module, objective, group)
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                ids = [i for b in group for i in b["index"].tolist()]
+                if not guard.check(torch.tensor(parts.get("loss", 0.0)), params, state.step, ids, grad_norm=grad_norm):
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                state.batches_done += accelerator.num_processes
-                for k, v in parts.items():
-                    if k != "ntp_tokens":
-                        running[k] = running.get(k, 0.0) + float(v.detach())
-                if not accelerator.sync_gradients:
-                    continue
+                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state.step += 1
-                state.micro_step = accelerator.step
-                runlog.step(state.step, {k: v / micro for k, v in running.items()})
+                state.batches_done += len(group) * accelerator.num_processes
+                logged.append(parts)
+                runlog.step(state.step, parts)
                 if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                    dt = time.perf_counter() - t_log
-                    entry = {k: v / micro for k, v in running.items()}
-                    entry |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "s_per_step": dt / tc.log_every}
-                    if grad_norm is not None:
-                        entry["grad_norm"] = float(grad_norm)
+                    entry = {k: sum(p.get(k, 0.0) for p in logged) / len(logged) for k in logged[-1]}
+                    entry |= {"step": state.step, "lr": scheduler.get_last_lr()[0],
+                              "s_per_step": (time.perf_counter() - t_log) / len(logged), "grad_norm": float(grad_norm)}
                     state.history.append(entry)
                     runlog.log(state.step, entry)
-                    running, micro, t_log = {}, 0, time.perf_counter()
-                if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                    logged, t_log = [], time.perf_counter()
+                stopping = _agree(accelerator, stop.requested)
+                if stopping or (tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps):
                     save()
                     if accelerator.is_main_process:
                         checkpoint.prune_checkpoints(out_dir, tc.keep_checkpoints, state.step)
-                if state.step >= tc.max_steps:
+                if state.step >= tc.max_steps or stopping:
                     break
             else:  # the epoch ran out (not a break at max_steps)
                 state.epoch, state.batches_done = state.epoch + 1, 0
+    if stop.requested:
+        console.print(f"[yellow]stopped by signal {stop.signum} at step {state.step}; resume with train.resume=latest")
+        raise TrainingInterrupted(out_dir / f"checkpoint-{state.step}", stop.signum or 15)
     if truncated := trainset.truncated():
         console.print(f"[yellow]data: {truncated} training sequences truncated to the length limit")
     final = save({"skipped": data.report.as_dict(), "truncated": truncated})

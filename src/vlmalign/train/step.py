@@ -1,0 +1,105 @@
+"""One optimizer step's gradients over an effective batch of K micro-batches, exact for
+contrastive losses and token-weighted for the next-token loss.
+
+Plain accumulation (K forward/backward passes, each loss divided by K) silently changes a
+contrastive loss: each micro-batch only sees its own B negatives instead of K * B (open_clip
+PR #267/#419), and averaging per-micro-batch token means weights a short caption's tokens
+more than a long one's. Here, as in GradCache (Gao et al. 2021):
+
+1. every micro-batch's contrastive representations (prompted embeddings, patch-token
+   vectors) are computed without grad;
+2. the contrastive loss runs once over all of them (gathered across ranks), and its
+   gradient with respect to each representation is kept;
+3. each micro-batch is replayed with grad, its surrogate loss sum(rep * cached grad) +
+   ntp_weight * ntp * N_k / N (N: label tokens of the whole effective batch, all ranks)
+   back-propagated; DDP synchronises only on the last replay.
+
+The result equals one step on the K * B batch (tests/test_accumulation.py). K == 1 is a
+plain forward/backward.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from vlmalign.data.collate import IGNORE_INDEX
+from vlmalign.objective import Objective
+
+
+def label_tokens(batch: dict) -> int:
+    """Label positions the next-token loss averages over (after the shift)."""
+    labels = batch.get("labels")
+    return 0 if labels is None else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _world(objective: Objective) -> int:
+    if objective.gather and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _global_sum(value: int, objective: Objective, device: torch.device) -> int:
+    if _world(objective) == 1:
+        return value
+    t = torch.tensor(value, device=device, dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def accumulate_gradients(
+    accelerator: Accelerator, step_module: nn.Module, objective: Objective, batches: list[dict]
+) -> dict[str, float]:
+    """Backward for the effective batch made of `batches` (gradients left in `.grad`);
+    returns the logged loss parts of the effective batch."""
+    if len(batches) == 1:
+        loss, parts = step_module(batches[0])
+        accelerator.backward(loss)  # a non-finite loss is the guard's to skip (train/guard.py)
+        return {k: float(v.detach()) for k, v in parts.items() if k != "ntp_tokens"}
+
+    inner = accelerator.unwrap_model(step_module)
+    model = inner.model
+    cfg = objective.cfg
+    n_k = [label_tokens(b) for b in batches]
+    world = _world(objective)
+    n_total = _global_sum(sum(n_k), objective, model.projector_device())
+    # Rank r's micro-batch k contributes W * S_rk / N: the mean over ranks (DDP) of the
+    # ranks' sums is then the global per-token mean (objective.rank_token_weight).
+    factors = [world * n / max(n_total, 1) for n in n_k]
+
+    grads: list[dict[str, Tensor]] = [{} for _ in batches]
+    logged: dict[str, float] = {}
+    if objective.contrastive_active:
+        with torch.no_grad():
+            reps = []
+            for b in batches:
+                visual = model.visual_tokens(b.get("pixel_values"), b.get("features"))
+                reps.append(objective.representations(model, b, visual))
+        leaves = {k: torch.cat([r[k] for r in reps]).detach().requires_grad_(True) for k in reps[0]}
+        loss, cparts = objective.contrastive(leaves)
+        accelerator.backward(loss)  # grads of the leaves, and of the temperature (objective)
+        for key, leaf in leaves.items():
+            sizes = [r[key].shape[0] for r in reps]
+            for k, g in enumerate(leaf.grad.split(sizes)):
+                grads[k][key] = g
+        logged |= {k: float(v) for k, v in cparts.items()}
+        logged["loss"] = float(loss)
+
+    ntp_sum = 0.0
+    for k, batch in enumerate(batches):
+        last = k == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(step_module):
+            loss, parts = step_module(batch, replay={"grads": grads[k], "ntp_factor": factors[k]})
+            accelerator.backward(loss)
+        if "ntp_loss" in parts:
+            ntp_sum += float(parts["ntp_loss"]) * n_k[k]
+    if cfg.ntp_weight > 0:
+        local = sum(n_k)
+        logged["ntp_loss"] = ntp_sum / max(local, 1)
+        logged["loss"] = logged.get("loss", 0.0) + cfg.ntp_weight * logged["ntp_loss"]
+    return logged
+
