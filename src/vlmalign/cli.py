@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | demo.
+"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | experiment | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -11,6 +11,7 @@
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
     vlmalign config show align-cg train.lr=5e-4
+    vlmalign experiment data-efficiency [--quick]
     vlmalign demo [--quick]
 """
 
@@ -172,6 +173,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    if args.name == "data-efficiency":
+        from vlmalign.experiments.data_efficiency import run_data_efficiency
+
+        run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick,
+                            seeds=tuple(args.seeds) if args.seeds else None, extra=args.overrides)
+        return 0
+    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency")
+    return 2
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmalign.demo import run_demo
 
@@ -248,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("config", help="recipe id or YAML file")
     cs.add_argument("overrides", nargs="*")
     cs.set_defaults(fn=_cmd_config_show)
+
+    x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
+    x.add_argument("name", help="data-efficiency (CG-VLM)")
+    x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
+    x.add_argument("--out", default=None)
+    x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")
+    x.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    x.set_defaults(fn=_cmd_experiment)
 
     m = sub.add_parser("demo", help="train align, align-cg and align-clip on shapes and compare")
     m.add_argument("--quick", action="store_true", help="a ~2 minute version")

@@ -96,7 +96,7 @@ def accumulate_gradients(
             loss, parts = step_module(batch, replay={"grads": grads[k], "ntp_factor": factors[k]})
             accelerator.backward(loss)
         if "ntp_loss" in parts:
-            ntp_sum += float(parts["ntp_loss"]) * n_k[k]
+            ntp_sum += float(parts["ntp_loss"].detach()) * n_k[k]
     if cfg.ntp_weight > 0:
         local = sum(n_k)
         logged["ntp_loss"] = ntp_sum / max(local, 1)
