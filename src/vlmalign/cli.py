@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | experiment | demo.
+"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | baseline | experiment | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -11,6 +11,7 @@
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
     vlmalign config show align-cg train.lr=5e-4
+    vlmalign baseline clip align-clip train.max_steps=40
     vlmalign experiment data-efficiency [--quick]
     vlmalign demo [--quick]
 """
@@ -173,6 +174,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from vlmalign.baseline.clip import run_clip_baseline
+
+    run_clip_baseline(args.config, args.overrides, args.out)
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name == "data-efficiency":
         from vlmalign.experiments.data_efficiency import run_data_efficiency
@@ -260,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("config", help="recipe id or YAML file")
     cs.add_argument("overrides", nargs="*")
     cs.set_defaults(fn=_cmd_config_show)
+
+    b = sub.add_parser("baseline", help="train and evaluate a peer baseline on the same data (the CLIP row)")
+    b.add_argument("kind", choices=["clip"])
+    b.add_argument("config", help="recipe id or YAML whose data, steps and batch size the baseline copies")
+    b.add_argument("overrides", nargs="*", help="dotted overrides; baseline.* keys configure the dual encoder")
+    b.add_argument("--out", default=None, help="default: <train.out_dir>-clip")
+    b.set_defaults(fn=_cmd_baseline)
 
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
     x.add_argument("name", help="data-efficiency (CG-VLM)")

@@ -9,7 +9,15 @@ light background. Each sample has
 - SugarCrepe-style hard negatives of the short caption (Hsieh et al., 2023) in the
   categories `replace_att`, `replace_obj`, `swap_att`, `replace_rel` (a relation swapped
   for its opposite) and `add_obj`, each checked to be false for the scene;
-- `objects`: the scene as plain dicts, from which instruction QA can be derived.
+- `objects`: the scene as plain dicts, from which instruction QA can be derived;
+- three paraphrases (`paraphrases`), true descriptions derived from the scene without
+  randomness, which with the short and long captions make the 5 captions per image of
+  the Karpathy-format retrieval file.
+
+Besides the JSONL splits, `write_shapes` writes the data in the real benchmark formats, so
+the loaders for real data serve `shapes` too: SugarCrepe JSON, LLaVA conversations,
+ScienceQA-style multiple choice, a COCO-style Karpathy-split JSON (`karpathy_shapes.json`)
+and an ImageNet-style zero-shot classification folder (`zeroshot/<colour>_<shape>/`).
 
 Everything is deterministic by seed (`random.Random(seed)`, never the global RNG):
 `write_shapes` called twice with the same arguments writes byte-identical files.
@@ -24,6 +32,7 @@ import itertools
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -59,6 +68,8 @@ NEGATIVE_CATEGORIES: tuple[str, ...] = (
 )
 OBJECT_COUNT_WEIGHTS = (0.2, 0.4, 0.4)  # P(1, 2, 3 objects); 1-object captions run out fast
 BASE_SIZE = 224
+KARPATHY_FILE = "karpathy_shapes.json"
+ZEROSHOT_DIR = "zeroshot"
 MIN_GAP = 6  # px on a 224 canvas: objects are separated by at least this along some axis
 MARGIN = 3  # px kept free at the canvas border
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges at little cost
@@ -444,6 +455,90 @@ def long_caption(scene: Scene, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+_REGION_WORDS: dict[tuple[str, str], str] = {
+    ("top", "left"): "at the top left", ("top", "centre"): "at the top", ("top", "right"): "at the top right",
+    ("middle", "left"): "on the left", ("middle", "centre"): "in the centre", ("middle", "right"): "on the right",
+    ("bottom", "left"): "at the bottom left", ("bottom", "centre"): "at the bottom",
+    ("bottom", "right"): "at the bottom right",
+}
+
+
+def _join(parts: list[str]) -> str:
+    """"x", "x and y", "x, y and z"."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
+
+
+def reversed_spec(scene: Scene) -> CaptionSpec:
+    """The relations of the short caption told from the middle object's side: "a small
+    blue square right of a large red circle" for "a large red circle left of a small blue
+    square"; for three objects the second object relates to the first and the third."""
+    objs = scene.objects
+    if len(objs) == 1:
+        return CaptionSpec((_describe(objs[0]),), ((0, None, None),))
+    order = (1, 0, 2)[: len(objs)]
+    descs = tuple(_describe(objs[i]) for i in order)
+    clauses = [(0, relation_between(objs[1], objs[j]), k) for k, j in enumerate(order[1:], start=1)]
+    if any(rel is None for _, rel, _ in clauses):  # cannot happen: placement separates every pair
+        raise AssertionError("objects placed without a clear relation")
+    return CaptionSpec(descs, tuple(clauses))
+
+
+def paraphrases(scene: Scene) -> list[str]:
+    """Three true descriptions of the scene besides the short and long captions, derived
+    from it without randomness (the same scene always gets the same three):
+
+    1. the relations told from the other object's side ("a small blue square right of a
+       large red circle"); one object: it and the background;
+    2. a count and a list ("a picture of two shapes: a large red circle and a small blue
+       square");
+    3. each object with its region of the image ("a large red circle at the top left and
+       a small blue square on the right").
+    """
+    objs = scene.objects
+    n = len(objs)
+    if n == 1:
+        first = f"a {_describe(objs[0]).full()} on a plain {scene.background} background"
+    else:
+        first = reversed_spec(scene).render()
+    listed = _join([f"a {_describe(o).full()}" for o in objs])
+    second = f"a picture of {_COUNT_WORDS[n]} shape{'s' if n > 1 else ''}: {listed}"
+    third = _join([
+        f"a {_describe(o).full()} {_REGION_WORDS[region_of(o, scene.image_size)]}" for o in objs
+    ])
+    return [first, second, third]
+
+
+def karpathy_captions(ex: ShapesExample) -> list[str]:
+    """The 5 captions of a sample in the Karpathy file: short, long, then `paraphrases`."""
+    return [ex.short_caption, ex.long_caption, *paraphrases(ex.scene)]
+
+
+def zeroshot_scenes(seed: int, image_size: int = BASE_SIZE) -> list[tuple[str, str, Scene]]:
+    """Single-object scenes for zero-shot classification: `(class folder, file name,
+    scene)`, one small and one large object of every colour and shape (classes
+    "<colour>_<shape>", 24 with the default vocabulary). Drawn from their own RNG
+    (`random.Random(f"{seed}-zeroshot")`), so they never change the other files."""
+    rng = random.Random(f"{seed}-zeroshot")
+    scale = image_size / BASE_SIZE
+    out = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for size in SIZES:
+                lo, hi = SIZE_RANGES[size]
+                side = max(2, round(rng.randint(lo, hi) * scale))
+                box = _place(rng, side, [], image_size)
+                if box is None:  # a lone object always fits a canvas of >= 32 px
+                    raise AssertionError(f"no room for one {size} object on {image_size} px")
+                x0, y0, x1, y1 = box
+                obj = ShapeObject(colour, shape, size, (x0 + x1) // 2, (y0 + y1) // 2, box)
+                background = rng.choice(sorted(BACKGROUNDS))
+                jitter = rng.randint(-6, 6)
+                rgb = tuple(max(0, min(255, c + jitter)) for c in BACKGROUNDS[background])
+                scene = Scene((obj,), background, rgb, image_size)  # type: ignore[arg-type]
+                out.append((f"{colour}_{shape}", f"zs_{colour}_{shape}_{size}.png", scene))
+    return out
+
+
 # ---------------------------------------------------------------- the dataset
 
 
@@ -549,7 +644,10 @@ def write_shapes(
     the test split and `sugarcrepe_val/{category}.json` for val (dict id -> {filename,
     caption, negative_caption}, filename relative to out_dir), instruction data
     `instruct_{split}.json` (LLaVA conversations) and `mcq_{split}.json` (ScienceQA-style
-    multiple choice; see `instruct.py`), and `meta.json`.
+    multiple choice; see `instruct.py`), the COCO-style Karpathy-split JSON
+    `karpathy_shapes.json` (every split, 5 captions per image: `karpathy_captions`), the
+    zero-shot folder `zeroshot/<colour>_<shape>/*.png` (`zeroshot_scenes`: 48 extra
+    single-object images, not in any split), and `meta.json`.
     Splits share no scene or short caption. Same arguments -> byte-identical files.
     Existing files of those names are overwritten; other files are left alone.
     """
@@ -582,6 +680,7 @@ def write_shapes(
             )
         sugarcrepe_counts[folder] = counts
     _write_instruct(out, examples, splits, seed)
+    benchmarks = _write_benchmarks(out, examples, splits, seed, image_size)
     objects_per_scene = {str(k): 0 for k in (1, 2, 3)}
     for ex in examples:
         objects_per_scene[str(len(ex.scene.objects))] += 1
@@ -595,6 +694,7 @@ def write_shapes(
         "counts": {"train": n_train, "val": n_val, "test": n_test},
         "objects_per_scene": objects_per_scene,
         "sugarcrepe": sugarcrepe_counts,
+        **benchmarks,
         "vocabulary": {
             "colours": list(COLOURS), "shapes": list(SHAPES), "sizes": list(SIZES),
             "relations": list(RELATIONS), "backgrounds": list(BACKGROUNDS),
@@ -614,10 +714,53 @@ def _write_instruct(out: Path, examples: list[ShapesExample], splits: dict[str, 
     )
 
 
+def _write_karpathy(out: Path, examples: list[ShapesExample], splits: dict[str, list[int]]) -> None:
+    """`karpathy_shapes.json` in the COCO Karpathy-split format (see data/karpathy.py)."""
+    split_of = {i: split for split, idx in splits.items() for i in idx}
+    images, sentid = [], 0
+    for imgid, ex in enumerate(examples):
+        sentences = []
+        for raw in karpathy_captions(ex):
+            tokens = re.findall(r"[a-z0-9]+", raw.lower())
+            sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        images.append({
+            "filepath": "images", "filename": f"{ex.id}.png", "imgid": imgid, "id": ex.id,
+            "split": split_of[imgid], "sentids": [s["sentid"] for s in sentences], "sentences": sentences,
+        })
+    text = json.dumps({"images": images, "dataset": "shapes"}, ensure_ascii=False)
+    (out / KARPATHY_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def _write_zeroshot(out: Path, seed: int, image_size: int) -> int:
+    """The zero-shot folder; returns the number of classes."""
+    folders = set()
+    for folder, name, scene in zeroshot_scenes(seed, image_size):
+        (out / ZEROSHOT_DIR / folder).mkdir(parents=True, exist_ok=True)
+        render_scene(scene).save(out / ZEROSHOT_DIR / folder / name, format="PNG", compress_level=1)
+        folders.add(folder)
+    return len(folders)
+
+
+def _write_benchmarks(out: Path, examples: list[ShapesExample], splits: dict[str, list[int]],
+                      seed: int, image_size: int) -> dict:
+    """The Karpathy-format file and the zero-shot folder; returns their `meta.json` entries."""
+    _write_karpathy(out, examples, splits)
+    n_classes = _write_zeroshot(out, seed, image_size)
+    return {
+        "karpathy": {"file": KARPATHY_FILE, "captions_per_image": 5},
+        "zeroshot": {
+            "folder": ZEROSHOT_DIR, "classes": n_classes, "images_per_class": len(SIZES),
+            "class": "colour and shape of a single-object scene, one small and one large per class",
+        },
+    }
+
+
 def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1,
                   test_fraction: float = 0.1, image_size: int = BASE_SIZE) -> dict:
     """`write_shapes` unless `out_dir/meta.json` already records the same arguments (then
-    only the instruction files are written, if absent: data from before they existed)."""
+    only the instruction, Karpathy and zero-shot files are written, if absent: data from
+    before they existed)."""
     meta_path = Path(out_dir) / "meta.json"
     if meta_path.is_file():
         try:
@@ -630,9 +773,15 @@ def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: floa
             from .instruct import INSTRUCT_FILES
 
             out = Path(out_dir)
-            if not all((out / name).is_file() for name in INSTRUCT_FILES):
-                # written before instruction data existed: add it, leave the rest alone
+            need_instruct = not all((out / name).is_file() for name in INSTRUCT_FILES)
+            need_benchmarks = not (out / KARPATHY_FILE).is_file() or not (out / ZEROSHOT_DIR).is_dir()
+            if need_instruct or need_benchmarks:
+                # written before these files existed: add them, leave the rest alone
                 examples = generate_shapes(n, seed, image_size)
-                _write_instruct(out, examples, _split_indices(n, seed, val_fraction, test_fraction), seed)
+                splits = _split_indices(n, seed, val_fraction, test_fraction)
+                if need_instruct:
+                    _write_instruct(out, examples, splits, seed)
+                if need_benchmarks:
+                    _write_benchmarks(out, examples, splits, seed, image_size)
             return meta
     return write_shapes(out_dir, n, seed, val_fraction, test_fraction, image_size)

@@ -1,67 +1,246 @@
-"""Evaluate a model on held-out pairs: retrieval (prompted embeddings and CG-VLM patch-token
-similarity), compositionality per hard-negative category, held-out next-token loss, and
-the modality gap. Writes metrics JSON next to the checkpoint and prints a table.
+"""Evaluate a model on held-out data.
+
+Two layers:
+
+- `embedding_metrics(embedder, data)`: everything computed from L2-normalised image and
+  text embeddings, for ANY embedder (an object with `embed_images(features_or_images) ->
+  [N, D]` and `embed_texts(list[str]) -> [N, D]`): the VLM's prompted embeddings and the
+  CLIP peer baseline (baseline/clip.py) run through this same code. Keys: `emb_` retrieval
+  on the held-out pairs, `gap_` modality gap, `comp_emb_` compositional accuracy per
+  hard-negative category, `kp_` retrieval on a Karpathy-split file (5 captions per image,
+  COCO/Flickr30k protocol) and `zs_acc` zero-shot classification, the last two when their
+  files exist under the data root (see `benchmark_paths`).
+- `evaluate(model, data, cfg, text_cache)`: the VLM: the above, plus CG-VLM patch-token
+  similarity (`patch_`, `comp_patch_`) and the held-out next-token loss.
+
+Writes metrics JSON next to the checkpoint and prints a table.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
 from vlmalign import cache, losses
-from vlmalign.config import Config
+from vlmalign.config import Config, DataConfig
+from vlmalign.data.classification import DEFAULT_TEMPLATES, class_embeddings, load_image_folder
 from vlmalign.data.collate import CaptionCollator
+from vlmalign.data.karpathy import load_karpathy
 from vlmalign.data.sample import CompositionalItem, LoadReport, Sample
 from vlmalign.data.splits import compositional_items, eval_samples
-from vlmalign.eval.metrics import compositional_accuracy, modality_gap, retrieval_metrics
+from vlmalign.eval.metrics import (
+    compositional_accuracy,
+    modality_gap,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 
 METRICS_NAME = "metrics.json"
+# Benchmark files looked for under data.root (the first Karpathy file found is used):
+# the names of the published Karpathy-split files, then the one `shapes` writes.
+KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr30k.json", "karpathy_shapes.json")
+ZEROSHOT_DIR = "zeroshot"
 
 log = logging.getLogger(__name__)
 
 
+class Embedder(Protocol):
+    """What the embedding metrics need. `embed_images` takes cached tower features (the
+    rows of `EvalData.features`) or PIL images; both return L2-normalised [N, D]."""
+
+    def embed_images(self, images: Tensor | list[Image.Image]) -> Tensor: ...
+
+    def embed_texts(self, texts: list[str]) -> Tensor: ...
+
+
+class FeatureModel(Protocol):
+    """What `EvalData.prepare` needs to compute (frozen) tower features once per image
+    (the contract of `cache.tower_features`; VLM and the CLIP baseline satisfy it)."""
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor: ...
+
+    def tower_features(self, pixel_values: Tensor) -> Tensor: ...
+
+    def projector_device(self) -> torch.device: ...
+
+
+def benchmark_paths(cfg: DataConfig) -> tuple[Path | None, Path | None]:
+    """(Karpathy-split JSON, zero-shot image folder) under `cfg.root`, None when absent.
+
+    Karpathy: the first of `KARPATHY_FILES` in the root; its images resolve against the
+    root (COCO: `root/val2014/...`, Flickr30k: `root/<filename>`). Zero-shot:
+    `root/zeroshot/<class>/...`.
+    """
+    root = Path(cfg.root)
+    karpathy = next((root / n for n in KARPATHY_FILES if (root / n).is_file()), None)
+    zeroshot = root / ZEROSHOT_DIR
+    return karpathy, zeroshot if zeroshot.is_dir() else None
+
+
+def _rows(rows: list[int]) -> Tensor:
+    return torch.tensor(rows, dtype=torch.long)
+
+
 @dataclass
 class EvalData:
-    """Held-out pairs and SugarCrepe-style items, with tower features of every distinct
-    image computed once (the tower is frozen in every recipe evaluated here)."""
+    """Held-out data of every task, with tower features of each distinct image computed
+    once (the tower is frozen in every recipe evaluated here). Each task refers to images
+    by their row in `features`."""
 
-    images: list[Path]  # distinct images
-    features: Tensor  # [N_img, P, Dv]
-    captions: list[str]
-    text_to_image: Tensor  # [N_txt] image index of each caption
+    images: list[Path]  # distinct images, all tasks together
+    features: Tensor  # [N_img, ...] tower features, one row per image
+    captions: list[str]  # held-out pairs
+    text_to_image: Tensor  # [N_txt] row in `features` of each caption's image
     items: list[CompositionalItem]
     item_to_image: Tensor  # [N_items]
     report: LoadReport = field(default_factory=LoadReport)
+    # Karpathy-split retrieval (all captions of each test image); empty when absent.
+    kp_captions: list[str] = field(default_factory=list)
+    kp_text_to_image: Tensor = field(default_factory=lambda: _rows([]))  # [N_kp_txt]
+    # Zero-shot classification; empty when absent.
+    zs_image_rows: Tensor = field(default_factory=lambda: _rows([]))  # [N_zs]
+    zs_labels: Tensor = field(default_factory=lambda: _rows([]))  # [N_zs] class index
+    zs_class_names: list[str] = field(default_factory=list)
 
     @classmethod
-    def prepare(cls, model: VLM, cfg: Config) -> EvalData:
+    def prepare(cls, model: FeatureModel, cfg: Config, benchmarks: bool = True) -> EvalData:
+        """Load the held-out pairs, SugarCrepe items and (with `benchmarks`) the Karpathy and
+        zero-shot files of `cfg.data`; compute tower features of every distinct image with
+        `model`. `data.eval_max_samples` caps the pairs and the Karpathy test images."""
         report = LoadReport()
         samples = eval_samples(cfg.data, report)
         items = compositional_items(cfg.data, report)
-        images = list(dict.fromkeys([s.image for s in samples] + [it.image for it in items]))
+        kp_images: list[Path] = []
+        kp_captions: list[str] = []
+        kp_owner = _rows([])
+        zs_images: list[Path] = []
+        zs_labels = _rows([])
+        zs_names: list[str] = []
+        if benchmarks:  # the root exists now: eval_samples made it (or raised)
+            kp_path, zs_path = benchmark_paths(cfg.data)
+            if kp_path is not None:
+                kp_images, kp_captions, kp_owner = load_karpathy(kp_path, cfg.data.root, "test", report)
+                if cfg.data.eval_max_samples:
+                    kp_images = kp_images[: cfg.data.eval_max_samples]
+                    keep = kp_owner < len(kp_images)
+                    kp_captions = [c for c, k in zip(kp_captions, keep.tolist(), strict=True) if k]
+                    kp_owner = kp_owner[keep]
+            if zs_path is not None:
+                folder = load_image_folder(zs_path, report)
+                zs_images, zs_labels, zs_names = folder.images, folder.labels, folder.class_names
+        images = list(dict.fromkeys(
+            [s.image for s in samples] + [it.image for it in items] + kp_images + zs_images
+        ))
         probe = [Sample(id=str(i), image=p) for i, p in enumerate(images)]
         feats, kept = cache.tower_features(model, probe, report=report)
         row = {str(s.image): i for i, s in enumerate(kept)}
         samples = [s for s in samples if str(s.image) in row]
         items = [it for it in items if str(it.image) in row]
+        kp = [(c, row[str(kp_images[o])]) for c, o in zip(kp_captions, kp_owner.tolist(), strict=True)
+              if str(kp_images[o]) in row]
+        zs = [(row[str(p)], y) for p, y in zip(zs_images, zs_labels.tolist(), strict=True) if str(p) in row]
+        if report.total_skipped():
+            log.warning("eval data: %s", report.summary())
         return cls(
             images=[s.image for s in kept],
             features=feats,
             captions=[s.caption for s in samples],
-            text_to_image=torch.tensor([row[str(s.image)] for s in samples], dtype=torch.long),
+            text_to_image=_rows([row[str(s.image)] for s in samples]),
             items=items,
-            item_to_image=torch.tensor([row[str(it.image)] for it in items], dtype=torch.long),
+            item_to_image=_rows([row[str(it.image)] for it in items]),
             report=report,
+            kp_captions=[c for c, _ in kp],
+            kp_text_to_image=_rows([r for _, r in kp]),
+            zs_image_rows=_rows([r for r, _ in zs]),
+            zs_labels=_rows([y for _, y in zs]),
+            zs_class_names=zs_names if zs else [],
         )
+
+
+def task_rows(text_to_row: Tensor) -> tuple[Tensor, Tensor]:
+    """The feature rows a retrieval task uses, and each text's index among them.
+
+    `EvalData.features` holds the images of every task; a task's retrieval ranks only the
+    images its texts refer to, so another task's images are not distractors (and images
+    without a caption of this task, for which image->text recall is undefined, drop out).
+    Returns `(rows [N_sub], text_to_image [N_txt] in 0..N_sub-1)`.
+    """
+    return torch.unique(text_to_row, sorted=True, return_inverse=True)
+
+
+def subset_retrieval(image_emb: Tensor, text_emb: Tensor, text_to_row: Tensor) -> dict[str, float]:
+    """R@1/5/10 both ways between `text_emb` [N_txt, D] and the rows of `image_emb`
+    [N_img, D] that `text_to_row` [N_txt] names (see `task_rows`)."""
+    rows, t2i = task_rows(text_to_row)
+    return retrieval_metrics(image_emb[rows.to(image_emb.device)] @ text_emb.T, t2i)  # [N_sub, N_txt]
+
+
+@torch.no_grad()
+def embedding_metrics(
+    embedder: Embedder, data: EvalData, templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> dict[str, float]:
+    """Every metric computed from embeddings, for any `Embedder` (VLM or CLIP baseline).
+
+    Keys: `emb_{i2t,t2i}_R@{1,5,10}` on the held-out pairs; `gap_*` (modality gap of the
+    matched pairs, Liang et al. 2022); `comp_emb_<category>`, `comp_emb_mean`,
+    `comp_emb_overall` (SugarCrepe protocol); `kp_{i2t,t2i}_R@{1,5,10}` and `kp_images`
+    (Karpathy split); `zs_acc` (top-1, %), `zs_top5_acc` (more than 5 classes) and
+    `zs_images` (zero-shot classification with `templates`, CLIP prompt ensembling).
+    """
+    metrics: dict[str, float] = {}
+    img_emb = embedder.embed_images(data.features)  # [N_img, D]
+    if data.captions:
+        txt_emb = embedder.embed_texts(data.captions)  # [N_txt, D]
+        metrics |= {f"emb_{k}": v for k, v in subset_retrieval(img_emb, txt_emb, data.text_to_image).items()}
+        metrics |= {f"gap_{k}": v for k, v in modality_gap(img_emb[data.text_to_image], txt_emb).items()}
+    if data.items:
+        cats = [it.category for it in data.items]
+        img_i = img_emb[data.item_to_image]  # [N_items, D]
+        pos = (img_i * embedder.embed_texts([it.caption for it in data.items])).sum(-1)
+        neg = (img_i * embedder.embed_texts([it.negative_caption for it in data.items])).sum(-1)
+        metrics |= {f"comp_emb_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
+    if data.kp_captions:
+        kp_emb = embedder.embed_texts(data.kp_captions)  # [N_kp_txt, D]
+        metrics |= {f"kp_{k}": v for k, v in subset_retrieval(img_emb, kp_emb, data.kp_text_to_image).items()}
+        metrics["kp_images"] = float(len(torch.unique(data.kp_text_to_image)))
+    if data.zs_class_names and len(data.zs_image_rows):
+        cls_emb = class_embeddings(embedder.embed_texts, data.zs_class_names, templates)  # [C, D]
+        ks = (1, 5) if len(data.zs_class_names) > 5 else (1,)
+        acc = zero_shot_accuracy(img_emb[data.zs_image_rows], cls_emb.to(img_emb.device), data.zs_labels, ks)
+        metrics["zs_acc"] = acc["top1_acc"]
+        if "top5_acc" in acc:
+            metrics["zs_top5_acc"] = acc["top5_acc"]
+        metrics["zs_images"] = float(len(data.zs_image_rows))
+    return metrics
+
+
+class CachedTextEmbedder:
+    """A VLM's embeddings with text states taken from a `TextStateCache`: valid while
+    nothing on the text path trains, and then each distinct text is run once across
+    evaluations and recipes."""
+
+    def __init__(self, model: VLM, text_cache: cache.TextStateCache) -> None:
+        self.model = model
+        self.text_cache = text_cache
+
+    def embed_images(self, images: Tensor | list[Image.Image]) -> Tensor:
+        return self.model.embed_images(images)
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        states = self.text_cache.states(self.model, texts)  # [N, D] raw states
+        return self.model.finish_embedding(states.to(self.model.projector_device()))
 
 
 def _caption_tokens(model: VLM, texts: list[str], max_tokens: int) -> tuple[Tensor, Tensor]:
@@ -93,47 +272,40 @@ def heldout_ntp_loss(model: VLM, data: EvalData, cfg: Config, batch_size: int = 
 def evaluate(
     model: VLM, data: EvalData, cfg: Config, text_cache: cache.TextStateCache | None = None
 ) -> dict[str, float]:
-    """All metrics for one model on `data`; keys are prefixed by the similarity used:
-    `emb_` (prompted last-token embeddings), `patch_` (CG-VLM patch-token similarity)."""
+    """All metrics for one VLM on `data`; keys are prefixed by the similarity used:
+    `emb_` / `comp_emb_` / `kp_` / `zs_` / `gap_` (prompted last-token embeddings, through
+    `embedding_metrics`, the code the CLIP baseline uses too), `patch_` / `comp_patch_`
+    (CG-VLM patch-token similarity); plus `heldout_ntp_loss`, `eval_pairs`, `eval_seconds`."""
     t0 = time.perf_counter()
     model.eval()
     dev = model.projector_device()
-    metrics: dict[str, float] = {}
     text_cache = text_cache if text_cache is not None else cache.TextStateCache()
-    frozen_text = not any(p.requires_grad for p in model.llm.parameters())
+    frozen_text = model.text_path_frozen()
+    embedder: Embedder = CachedTextEmbedder(model, text_cache) if frozen_text else model
 
-    def text_emb(texts: list[str]) -> Tensor:
-        if frozen_text:
-            return model.finish_embedding(text_cache.states(model, texts).to(dev))
-        return model.embed_texts(texts)
-
-    # Prompted embeddings (Ak et al., VladVA): retrieval, modality gap.
-    img_emb = model.embed_images(data.features.to(dev))  # [N_img, D]
-    txt_emb = text_emb(data.captions)  # [N_txt, D]
-    metrics |= {f"emb_{k}": v for k, v in retrieval_metrics(img_emb @ txt_emb.T, data.text_to_image).items()}
-    metrics |= {f"gap_{k}": v for k, v in modality_gap(img_emb[data.text_to_image], txt_emb).items()}
+    # Prompted embeddings (Ak et al., VladVA): retrieval, gap, compositionality, benchmarks.
+    metrics = embedding_metrics(embedder, data)
     log.info("eval: prompted embeddings done at %.1f s", time.perf_counter() - t0)
 
-    # CG-VLM patch-token similarity.
+    # CG-VLM patch-token similarity, on the images of the pairs and the items only.
     k = cfg.objective.patch_pool
-    visual = model.visual_tokens(features=data.features.to(dev))
-    pooled = losses.pool_visual_tokens(visual, model.projector.output_grid, k)  # [N_img, k*k, D]
-    tok, mask = _caption_tokens(model, data.captions, cfg.data.max_caption_tokens)
-    patch_sim = losses.patch_token_similarity(pooled, tok, mask)
-    metrics |= {f"patch_{k}": v for k, v in retrieval_metrics(patch_sim, data.text_to_image).items()}
+    if not data.captions and not data.items:
+        raise ValueError(f"no held-out pairs or compositional items under {cfg.data.root}; check data.eval_file")
+    rows, inverse = task_rows(torch.cat([data.text_to_image, data.item_to_image]))
+    visual = model.visual_tokens(features=data.features[rows].to(dev))  # [N_sub, Q, D]
+    pooled = losses.pool_visual_tokens(visual, model.projector.output_grid, k)  # [N_sub, k*k, D]
+    if data.captions:
+        pair_rows, t2i = task_rows(inverse[: len(data.captions)])
+        tok, mask = _caption_tokens(model, data.captions, cfg.data.max_caption_tokens)
+        patch_sim = losses.patch_token_similarity(pooled[pair_rows], tok, mask)  # [N_pairs_img, N_txt]
+        metrics |= {f"patch_{k}": v for k, v in retrieval_metrics(patch_sim, t2i).items()}
 
     # Compositionality: is s(image, positive) > s(image, hard negative)?
     if data.items:
         cats = [it.category for it in data.items]
-        pos_t = [it.caption for it in data.items]
-        neg_t = [it.negative_caption for it in data.items]
-        img_i = img_emb[data.item_to_image]
-        pos = (img_i * text_emb(pos_t)).sum(-1)
-        neg = (img_i * text_emb(neg_t)).sum(-1)
-        metrics |= {f"comp_emb_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
-        pooled_i = pooled[data.item_to_image]
-        ptok, pmask = _caption_tokens(model, pos_t, cfg.data.max_caption_tokens)
-        ntok, nmask = _caption_tokens(model, neg_t, cfg.data.max_caption_tokens)
+        pooled_i = pooled[inverse[len(data.captions) :]]
+        ptok, pmask = _caption_tokens(model, [it.caption for it in data.items], cfg.data.max_caption_tokens)
+        ntok, nmask = _caption_tokens(model, [it.negative_caption for it in data.items], cfg.data.max_caption_tokens)
         pos = losses.patch_token_similarity(pooled_i, ptok, pmask).diagonal()
         neg = losses.patch_token_similarity(pooled_i, ntok, nmask).diagonal()
         metrics |= {f"comp_patch_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
@@ -156,7 +328,16 @@ ROWS = {
     "patch_t2i_R@1": ("text->image R@1 (patch)", "{:.1f}"),
     "patch_t2i_R@5": ("text->image R@5 (patch)", "{:.1f}"),
     "comp_emb_mean": ("compositional acc (emb)", "{:.1f}"),
+    # SugarCrepe's seven categories (shapes has five of them); absent ones are not shown.
+    **{f"comp_emb_{c}": (f"  comp {c} (emb)", "{:.1f}") for c in (
+        "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att",
+    )},
     "comp_patch_mean": ("compositional acc (patch)", "{:.1f}"),
+    "kp_i2t_R@1": ("Karpathy image->text R@1", "{:.1f}"),
+    "kp_i2t_R@5": ("Karpathy image->text R@5", "{:.1f}"),
+    "kp_t2i_R@1": ("Karpathy text->image R@1", "{:.1f}"),
+    "kp_t2i_R@5": ("Karpathy text->image R@5", "{:.1f}"),
+    "zs_acc": ("zero-shot top-1 acc", "{:.1f}"),
     "train_ntp_loss": ("final train NTP loss", "{:.3f}"),
     "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
     "train_s": ("train wall time (s)", "{:.0f}"),
@@ -174,7 +355,6 @@ def comparison_table(results: dict[str, dict[str, float]], title: str) -> Table:
             continue
         table.add_row(label, *[fmt.format(m[key]) if key in m else "-" for m in results.values()])
     return table
-
 
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, float]:

@@ -188,6 +188,12 @@ class VLM(nn.Module):
     def llm_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.llm.parameters())
 
+    def text_path_frozen(self) -> bool:
+        """Whether nothing on the text path trains (text states are then constants that
+        can be cached): a frozen LLM and no trainable text soft prompt."""
+        soft = self.text_soft
+        return self.llm_frozen() and (soft is None or not soft.vectors.requires_grad)
+
     def unfreeze(self, part: str) -> None:
         """Make one part trainable: "projector", "vision", or "llm" (its LoRA adapters
         only when the LLM carries them, else every weight)."""

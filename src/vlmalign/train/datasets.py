@@ -105,20 +105,13 @@ class DataKind:
 DATA_KINDS: Registry[DataKind] = Registry("training data kind")
 
 
-def text_path_frozen(model: VLM) -> bool:
-    """Whether nothing on the text path trains (text states can then be cached once): a
-    frozen LLM and no trainable text soft prompt."""
-    soft = model.text_soft
-    return model.llm_frozen() and (soft is None or not soft.vectors.requires_grad)
-
-
 def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text_cache: cache.TextStateCache,
                         cfg: Config) -> torch.Tensor | None:
     """Cached prompted text states of the training texts when the contrastive loss needs
     them and nothing on the text path trains ([N, D], or None); estimates the centring mean
     once on the first `embedding.centre_samples` texts (a resumed run has it back with its
     weights, and a model reused across recipes keeps its own)."""
-    frozen = text_path_frozen(model)
+    frozen = model.text_path_frozen()
     need_mean = cfg.embedding.centre and not bool(model.embed_mean_ready)
     states = None
     if (objective.uses_embeddings or need_mean) and cfg.train.cache_text_embeddings and frozen:
