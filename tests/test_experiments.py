@@ -20,3 +20,19 @@ def test_data_efficiency_runs_and_writes_results(tmp_path):
         for m in runs.values():
             assert 0.0 <= m["mcq_lik_acc"] <= 100.0 and m["mcq_items"] > 0
     assert (out / "mcq_vs_fraction.png").stat().st_size > 10_000
+
+
+def test_vladva_ablation_runs_every_variant_and_the_clip_peer(tmp_path):
+    from vlmalign.experiments.vladva import CLIP, VARIANTS, run_vladva
+
+    out = tmp_path / "vladva"
+    results = run_vladva(out=out, quick=True, llm="tiny", tower="tiny", clip_text_tower="tiny",
+                         extra=["projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
+                                "train.max_steps=2", "lora.target_modules=q_proj,v_proj", "data.long_max_tokens=200"])
+    assert set(results) == {*VARIANTS, CLIP}
+    for m in results.values():
+        assert 0.0 <= m["emb_i2t_R@1"] <= 100.0 and "comp_emb_mean" in m
+    saved = json.loads((out / "results.json").read_text())["results"]
+    assert saved["contrastive long"]["emb_t2i_R@1"] == results["contrastive long"]["emb_t2i_R@1"]
+    # the long-caption variant trained on long captions: its cached text states hold them
+    assert results["+ soft prompts + LoRA"] != results["contrastive short"]

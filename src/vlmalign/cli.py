@@ -13,6 +13,7 @@
     vlmalign config show align-cg train.lr=5e-4
     vlmalign baseline clip align-clip train.max_steps=40
     vlmalign experiment data-efficiency [--quick]
+    vlmalign experiment vladva [--quick]
     vlmalign demo [--quick]
 """
 
@@ -188,7 +189,13 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick,
                             seeds=tuple(args.seeds) if args.seeds else None, extra=args.overrides)
         return 0
-    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency")
+    if args.name == "vladva":
+        from vlmalign.experiments.vladva import run_vladva
+
+        seed = args.seeds[0] if args.seeds else 0
+        run_vladva(out=args.out or "runs/vladva", quick=args.quick, seed=seed, extra=args.overrides)
+        return 0
+    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency, vladva")
     return 2
 
 
@@ -277,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_baseline)
 
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
-    x.add_argument("name", help="data-efficiency (CG-VLM)")
+    x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer)")
     x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
     x.add_argument("--out", default=None)
     x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")

@@ -24,6 +24,9 @@ class Recipe:
     # Training data: "captions" (image-caption pairs), "conversations" (LLaVA
     # instruction data) or "short_long" (short and long captions, VladVA).
     data: str = "captions"
+    # Parts of `trains` the config may leave frozen (e.g. discriminative without LoRA:
+    # projector and soft prompts only, as in VladVA's ablations).
+    optional: tuple[str, ...] = ()
     # What the end-of-training evaluation measures: "retrieval" (retrieval,
     # compositionality, held-out NTP, modality gap) and/or "mcq" (multiple choice).
     evals: tuple[str, ...] = ("retrieval",)
@@ -42,19 +45,23 @@ _add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",), "al
 _add(Recipe("instruct", "LLaVA stage 2 (Liu et al. 2023) / CG-VLM", ("projector", "llm"), "instruct.yaml",
             data="conversations", evals=("mcq",)))
 _add(Recipe("discriminative", "VladVA (Ouali et al. 2025)", ("projector", "llm"), "discriminative.yaml",
-            data="short_long"))
+            data="short_long", optional=("llm",)))
 
 
 def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
     """Freeze everything, then unfreeze the parts the recipe trains; log and return them."""
     cfg = model.cfg
-    if "llm" in recipe.trains and cfg.llm.frozen and not cfg.lora.enabled:
+    if "llm" in recipe.trains and "llm" not in recipe.optional and cfg.llm.frozen and not cfg.lora.enabled:
         raise ValueError(
             f"recipe {recipe.name} trains the LLM, but llm.frozen=true and lora.enabled=false: "
             "set llm.frozen=false (full fine-tuning) or lora.enabled=true (LoRA adapters)"
         )
     model.requires_grad_(False)
-    trains = [p for p in recipe.trains if not (p == "projector" and cfg.projector.frozen)]
+    llm_off = cfg.llm.frozen and not cfg.lora.enabled
+    if "llm" in recipe.optional and llm_off:
+        log.info("recipe %s: llm.frozen=true and lora.enabled=false, the LLM stays frozen", recipe.name)
+    trains = [p for p in recipe.trains
+              if not (p == "projector" and cfg.projector.frozen) and not (p == "llm" and llm_off and p in recipe.optional)]
     for part in trains:
         model.unfreeze(part)
     if model.image_soft is not None or model.text_soft is not None:
