@@ -14,6 +14,7 @@ from the prepared records). Kinds:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from vlmalign.data.conversations import (
     ConversationLoadReport,
 )
 from vlmalign.data.sample import LoadReport, Sample
+from vlmalign.data.shards import ShardStream
 from vlmalign.data.short_long import ShortLongCollator, ShortLongDataset, split_captions
 from vlmalign.data.splits import subsample, train_conversations, train_samples
 from vlmalign.models.registry import Registry
@@ -94,6 +96,7 @@ class TrainSet:
     collator: Callable[[list[dict]], dict]
     lengths: list[int]
     truncated: Callable[[], int]  # items cut to the length limit so far
+    stream: ShardStream | None = None  # an iterable dataset streamed from shards
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,27 @@ DATA_KINDS.register("conversations")(
     DataKind(lambda cfg, report: train_conversations(cfg.data, report), _build_conversations)
 )
 DATA_KINDS.register("short_long")(DataKind(lambda cfg, report: train_samples(cfg.data, report), _build_short_long))
+
+
+def build_stream(model: VLM, cfg: Config, rank: int, world: int) -> TrainSet:
+    """Caption pairs streamed from `data.shards`, this rank's share of each epoch (no
+    sample twice, `data/shards.py`); images preprocessed as they arrive. Estimates the
+    centring mean on the first `embedding.centre_samples` captions when it is missing."""
+    def to_item(sample: Sample) -> dict:
+        return {"index": sample.meta["position"], "caption": sample.caption,
+                "pixel_values": model.preprocess([sample.image])[0]}
+
+    tc = cfg.train
+    stream = ShardStream(cfg.data.shards, rank=rank, world_size=world, seed=tc.seed, batch_size=tc.batch_size,
+                         even=True, caption_field=cfg.data.caption_field, transform=to_item)
+    if cfg.embedding.centre and not bool(model.embed_mean_ready):
+        head = ShardStream(cfg.data.shards, rank=0, world_size=1, seed=tc.seed, decode="bytes",
+                           caption_field=cfg.data.caption_field)
+        texts = [s.caption for s in itertools.islice(head, cfg.embedding.centre_samples)]
+        with torch.no_grad():
+            model.set_embedding_mean(torch.cat([model.text_states(texts[i : i + 64]) for i in range(0, len(texts), 64)]))
+    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
+    return TrainSet(stream, collator, [], lambda: collator.truncated, stream=stream)
 
 
 def build_trainset(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:

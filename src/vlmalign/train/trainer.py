@@ -17,20 +17,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmalign.config import Config
+from vlmalign.data.sample import LoadReport
 from vlmalign.data.sampler import LengthGroupedBatchSampler
+from vlmalign.data.shards import ShardStream
 from vlmalign.errors import explain_oom
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
 from vlmalign.train import checkpoint
 from vlmalign.train.checkpoint import TrainingState
-from vlmalign.train.datasets import TrainData, build_trainset
+from vlmalign.train.datasets import TrainData, TrainSet, build_stream, build_trainset
 from vlmalign.train.guard import NonFiniteGuard, StopSignal
 from vlmalign.train.recipes import RECIPES, apply_recipe
 from vlmalign.train.runlog import RunLog
@@ -81,6 +83,68 @@ class TrainingInterrupted(RuntimeError):
         self.checkpoint, self.signum = checkpoint, signum
 
 
+@dataclass
+class _Batches:
+    """The training batches of an epoch: a length-grouped map-style dataset, or a stream
+    from shards (then moved to the device here and ended together on every rank)."""
+
+    trainset: TrainSet
+    loader: DataLoader
+    sampler: LengthGroupedBatchSampler | None
+    report: LoadReport
+    accelerator: Accelerator
+    size: int | str
+
+    @property
+    def stream(self) -> ShardStream | None:
+        return self.trainset.stream
+
+    def skip(self, epoch: int, batches_done: int) -> None:
+        """Resume inside `epoch` after `batches_done` batches (all processes together)."""
+        if self.stream is None:
+            self.sampler.skip_next(batches_done)
+        else:
+            per_rank = batches_done // self.accelerator.num_processes
+            self.stream.skip(per_rank * self.loader.batch_size, epoch=epoch)
+
+    def epoch(self, epoch: int):
+        if self.stream is None:
+            self.loader.set_epoch(epoch)  # one process: Accelerate's loader passes it on
+            self.sampler.set_epoch(epoch)  # several: its batch-sampler shard does not
+            yield from self.loader
+            return
+        self.stream.set_epoch(epoch)
+        for batch in self.loader:
+            if not _agree(self.accelerator, False):  # every rank still has a batch
+                yield send_to_device(batch, self.accelerator.device)
+            else:
+                return
+        _agree(self.accelerator, True)  # tell the ranks still iterating that this one ran out
+
+
+def _batches(model: VLM, objective: Objective, data: TrainData | None, cfg: Config, kind: str,
+             accelerator: Accelerator) -> _Batches:
+    tc = cfg.train
+    if cfg.data.shards:
+        if kind != "captions":
+            raise ValueError(f"data.shards streams caption pairs; recipe {cfg.recipe} trains on {kind!r} data")
+        trainset = build_stream(model, cfg, accelerator.process_index, accelerator.num_processes)
+        loader = DataLoader(trainset.dataset, batch_size=tc.batch_size, collate_fn=trainset.collator)
+        return _Batches(trainset, loader, None, trainset.stream.report, accelerator, f"{trainset.stream.total} streamed")
+    if data is None:
+        data = TrainData.prepare(model, cfg, kind)
+    elif data.kind != kind:
+        raise ValueError(f"recipe {cfg.recipe} trains on {kind!r} data, got {data.kind!r}")
+    data.report.check_skip_fraction(cfg.data.max_skip_fraction, "training data")
+    trainset = build_trainset(model, objective, data, cfg)
+    sampler = batch_sampler(trainset.lengths, cfg)
+    # A private generator: the loader draws a seed from it each epoch, which would
+    # otherwise shift the global torch RNG between an interrupted run and its resumption.
+    loader = DataLoader(trainset.dataset, batch_sampler=sampler, collate_fn=trainset.collator,
+                        generator=torch.Generator().manual_seed(tc.seed))
+    return _Batches(trainset, loader, sampler, data.report, accelerator, len(trainset.dataset))
+
+
 def _groups(loader, k: int):
     """Micro-batches in groups of k (one optimizer step each); the epoch's last group may
     be shorter."""
@@ -129,17 +193,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     elif tc.init_from:
         model.load_trainable(tc.init_from)
         console.print(f"initialised trainable weights from {tc.init_from}")
-    if data is None:
-        data = TrainData.prepare(model, cfg, recipe.data)
-    elif data.kind != recipe.data:
-        raise ValueError(f"recipe {recipe.name} trains on {recipe.data!r} data, got {data.kind!r}")
-    data.report.check_skip_fraction(cfg.data.max_skip_fraction, "training data")
-    trainset = build_trainset(model, objective, data, cfg)
-    dataset = trainset.dataset
-    sampler = batch_sampler(trainset.lengths, cfg)
-    # A private generator: the loader draws a seed from it each epoch, which would
-    # otherwise shift the global torch RNG between an interrupted run and its resumption.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=trainset.collator, generator=torch.Generator().manual_seed(tc.seed))
+    batches = _batches(model, objective, data, cfg, recipe.data, accelerator)
     step_module = TrainStep(model, objective)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -147,14 +201,17 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     if accelerator.state.deepspeed_plugin is not None:  # batches come from a batch sampler
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tc.batch_size
-    step_module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
+    if batches.stream is None:
+        step_module, optimizer, batches.loader = accelerator.prepare(step_module, optimizer, batches.loader)
+    else:  # a stream splits itself across ranks: Accelerate must not shard it again
+        step_module, optimizer = accelerator.prepare(step_module, optimizer)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     state = TrainingState()
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler)
-        sampler.skip_next(state.batches_done)
+        batches.skip(state.epoch, state.batches_done)
         console.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     elif latest := checkpoint.find_latest(out_dir):
         console.print(f"[yellow]{out_dir} already holds checkpoints (newest {latest.name}); this run replaces those of the same steps")
@@ -172,7 +229,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         return path
 
     console.print(
-        f"[bold]{recipe.name}[/] ({recipe.paper}): {len(dataset)} samples, batch {tc.batch_size}"
+        f"[bold]{recipe.name}[/] ({recipe.paper}): {batches.size} samples, batch {tc.batch_size}"
         f" x accum {tc.grad_accum_steps} x {accelerator.num_processes} processes, {tc.max_steps} steps,"
         f" trains {', '.join(trains)}"
     )
@@ -185,9 +242,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     t_log = time.perf_counter()
     with runlog, StopSignal() as stop, explain_oom(tc.batch_size, tc.grad_accum_steps):
         while state.step < tc.max_steps and not _agree(accelerator, stop.requested):
-            loader.set_epoch(state.epoch)  # one process: Accelerate's loader passes it on
-            sampler.set_epoch(state.epoch)  # several: its batch-sampler shard does not
-            for group in _groups(loader, tc.grad_accum_steps):
+            for group in _groups(batches.epoch(state.epoch), tc.grad_accum_steps):
                 parts = accumulate_gradients(accelerator, step_module, objective, group)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                 ids = [i for b in group for i in b["index"].tolist()]
@@ -218,9 +273,9 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     if stop.requested:
         console.print(f"[yellow]stopped by signal {stop.signum} at step {state.step}; resume with train.resume=latest")
         raise TrainingInterrupted(out_dir / f"checkpoint-{state.step}", stop.signum or 15)
-    if truncated := trainset.truncated():
+    if truncated := batches.trainset.truncated():
         console.print(f"[yellow]data: {truncated} training sequences truncated to the length limit")
-    final = save({"skipped": data.report.as_dict(), "truncated": truncated})
+    final = save({"skipped": batches.report.as_dict(), "truncated": truncated})
     if accelerator.is_main_process:
         (out_dir / "latest.tmp").write_text(final.name)
         os.replace(out_dir / "latest.tmp", out_dir / "latest")
