@@ -131,3 +131,18 @@ def test_cli_chat_one_shot(tiny_cfg, shapes_root, capsys):
     image = next((shapes_root / "images").glob("*.png"))
     capsys.readouterr()
     assert main(["chat", "--checkpoint", str(result.checkpoint), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+
+
+def test_cli_eval_of_an_instruct_run_scores_mcq_and_captions(tiny_cfg, capsys):
+    import json
+
+    from vlmalign.cli import main
+
+    pytest.importorskip("pycocoevalcap")
+    cfg = tiny_cfg("instruct", QA, "train.max_steps=1", "data.eval_max_samples=6")
+    result = train(cfg)
+    assert main(["eval", "--caption", str(result.checkpoint.parent)]) == 0
+    metrics = json.loads((result.checkpoint / "metrics.json").read_text())["metrics"]
+    assert metrics["mcq_items"] == 6 and 0 <= metrics["mcq_lik_acc"] <= 100
+    assert "caption_cider" in metrics and 0 <= metrics["caption_bleu4"] <= 1
+    assert "MCQ acc, likelihood" in capsys.readouterr().out

@@ -48,9 +48,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vlmalign.eval.evaluate import evaluate_checkpoint
+    import json
+    from pathlib import Path
 
-    evaluate_checkpoint(args.checkpoint, args.overrides)
+    from vlmalign.eval.run import evaluate_run
+    from vlmalign.inference import load_checkpoint, resolve_checkpoint
+    from vlmalign.train.checkpoint import MANIFEST_NAME, verify_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    if (path / MANIFEST_NAME).exists():
+        verify_checkpoint(path)
+    model = load_checkpoint(path, args.overrides)
+    history_file = Path(path).parent / "history.jsonl"
+    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else None
+    evaluate_run(model, model.cfg, path, history, captions=args.caption)
     return 0
 
 
@@ -216,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
     t.set_defaults(fn=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its held-out split")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (or a run folder's latest) on its held-out split")
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/coco")
+    e.add_argument("--caption", action="store_true", help="also score generated captions (CIDEr, BLEU; the caption extra)")
     e.set_defaults(fn=_cmd_eval)
 
     d = sub.add_parser("data", help="write datasets")

@@ -24,13 +24,18 @@ from vlmalign.models.vlm import VLM
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> VLM:
-    """A checkpoint folder (or a run folder: its `latest` checkpoint) ready for inference:
-    eval mode, no gradients."""
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint folder, or a run folder's `latest` checkpoint."""
     path = Path(checkpoint)
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
-    model = VLM.from_pretrained(path, overrides)
+    return path
+
+
+def load_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> VLM:
+    """A checkpoint folder (or a run folder: its `latest` checkpoint) ready for inference:
+    eval mode, no gradients."""
+    model = VLM.from_pretrained(resolve_checkpoint(checkpoint), overrides)
     model.requires_grad_(False)
     return model.eval()
 
@@ -141,3 +146,116 @@ def search(model: VLM, index: torch.Tensor, names: list[str], query: str, top: i
     scores = index @ q  # [N]
     best = scores.topk(min(top, len(names)))
     return [(names[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
+
+
+# ----------------------------------------------------------------- captioning
+
+
+def default_caption_prompt(model: VLM, instruction: str | None = None) -> str:
+    """The prompt `VLM.generate` continues with a caption, matching how the checkpoint was
+    trained: `instruction` (or, for an `instruct` checkpoint, "Describe the image in one
+    sentence.") as a chat user turn; the image embedding prompt for a checkpoint trained
+    with `data.caption_format=prompted`; "" (visual tokens only, LLaVA stage 1) otherwise."""
+    from vlmalign.eval.captioning import caption_prompt
+    from vlmalign.models.prompts import render_prompt
+
+    cfg = model.cfg
+    if instruction:
+        return caption_prompt(model.tokenizer, instruction)
+    if getattr(cfg, "recipe", "") == "instruct":
+        return caption_prompt(model.tokenizer)
+    if getattr(cfg.data, "caption_format", "plain") == "prompted":
+        return render_prompt(model.tokenizer, cfg.embedding.image_prompt, cfg.embedding.chat_template)
+    return ""
+
+
+def caption_paths(images: str | Path) -> list[Path]:
+    """`--images`: a folder (its image files, recursive, sorted) or one image file."""
+    path = Path(images)
+    if path.is_dir():
+        return image_files(path)
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"--images {path}: no such file or folder")
+
+
+@torch.no_grad()
+def caption_files(
+    model: VLM,
+    paths: list[Path],
+    prompt: str = "",
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    report: LoadReport | None = None,
+) -> list[tuple[Path, str]]:
+    """Greedy captions `[(path, caption)]` for the readable images among `paths`, in order.
+
+    Images are decoded and run through the tower `batch_size` at a time (frozen-tower
+    features, then `eval.captioning.caption_images`, so memory stays bounded for any
+    number of files); unreadable or missing files are skipped and counted in `report`
+    ("unreadable image"), never a crash. `prompt` as `VLM.generate` takes it, usually
+    `default_caption_prompt(model, instruction)`.
+    """
+    from vlmalign import cache
+    from vlmalign.data.sample import Sample
+    from vlmalign.eval.captioning import caption_images
+
+    report = report if report is not None else LoadReport()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[tuple[Path, str]] = []
+    for i in range(0, len(paths), batch_size):
+        chunk = [Sample(id=str(p), image=Path(p)) for p in paths[i : i + batch_size]]
+        feats, kept = cache.tower_features(model, chunk, batch_size=batch_size, report=report)  # [n, P, Dv]
+        if not kept:
+            continue
+        texts = caption_images(model, feats, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out += [(s.image, t) for s, t in zip(kept, texts, strict=True)]
+    report.loaded = len(out)
+    return out
+
+
+def write_captions(path: str | Path, captions: list[tuple[Path, str]]) -> Path:
+    """Captions as JSONL `{"image": path, "caption": text}`, one per line: the captions
+    format vlmalign's loaders read (`data.train_file` / `data.eval_file`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for image, text in captions:
+            f.write(json.dumps({"image": str(image), "caption": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def caption_command(
+    checkpoint: str | Path,
+    images: str | Path,
+    prompt: str | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+) -> tuple[list[tuple[Path, str]], LoadReport]:
+    """`vlmalign caption`: load a checkpoint (or a `vlmalign export` folder), caption
+    `images` (a folder or one file), print `path<TAB>caption` lines, or write JSONL to
+    `out` and print where; skipped files are summarised on stderr. Returns the captions
+    and the load report."""
+    import sys
+
+    path = Path(checkpoint)
+    if (path / "vlm" / "export.json").is_file() or (path / "export.json").is_file():
+        from vlmalign.export import load_export
+
+        model = load_export(path)
+    else:
+        model = load_checkpoint(path)
+    report = LoadReport()
+    results = caption_files(model, caption_paths(images), default_caption_prompt(model, prompt),
+                            batch_size=batch_size, max_new_tokens=max_new_tokens, report=report)
+    if out:
+        write_captions(out, results)
+        print(f"wrote {len(results)} captions to {out}")
+    else:
+        for image, text in results:
+            print(f"{image}\t{text}")
+    if report.total_skipped():
+        print(report.summary(), file=sys.stderr)
+    return results, report

@@ -27,7 +27,6 @@ from typing import Protocol
 
 import torch
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
@@ -44,7 +43,6 @@ from vlmalign.eval.metrics import (
     retrieval_metrics,
     zero_shot_accuracy,
 )
-from vlmalign.eval.report import write_metrics
 from vlmalign.models.vlm import VLM
 
 METRICS_NAME = "metrics.json"
@@ -338,6 +336,11 @@ ROWS = {
     "kp_t2i_R@1": ("Karpathy text->image R@1", "{:.1f}"),
     "kp_t2i_R@5": ("Karpathy text->image R@5", "{:.1f}"),
     "zs_acc": ("zero-shot top-1 acc", "{:.1f}"),
+    "mcq_lik_acc": ("MCQ acc, likelihood", "{:.1f}"),
+    "mcq_gen_acc": ("MCQ acc, generation", "{:.1f}"),
+    "mcq_gen_unparsed": ("MCQ answers not parsed (%)", "{:.1f}"),
+    "caption_cider": ("CIDEr", "{:.3f}"),
+    "caption_bleu4": ("BLEU-4", "{:.3f}"),
     "train_ntp_loss": ("final train NTP loss", "{:.3f}"),
     "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
     "train_s": ("train wall time (s)", "{:.0f}"),
@@ -355,15 +358,3 @@ def comparison_table(results: dict[str, dict[str, float]], title: str) -> Table:
             continue
         table.add_row(label, *[fmt.format(m[key]) if key in m else "-" for m in results.values()])
     return table
-
-
-def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """`vlmalign eval`: load a checkpoint, evaluate on its config's held-out split, write
-    `metrics.json` next to it and print a table."""
-    checkpoint = Path(checkpoint)
-    model = VLM.from_pretrained(checkpoint, overrides)
-    data = EvalData.prepare(model, model.cfg)
-    metrics = evaluate(model, data, model.cfg)
-    write_metrics(checkpoint / METRICS_NAME, metrics, meta={"checkpoint": str(checkpoint), "skipped": data.report.as_dict()})
-    Console().print(comparison_table({checkpoint.parent.name: metrics}, f"evaluation of {checkpoint}"))
-    return metrics

@@ -32,8 +32,21 @@ def evaluate_mcq_split(model: VLM, cfg: Config) -> dict[str, float]:
     return evaluate_mcq(model, mcq_items(cfg.data))
 
 
-def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] | None = None) -> dict[str, float]:
-    """Run the recipe's evaluations on the held-out split; write, log, print and plot."""
+def evaluate_captions(model: VLM, cfg: Config) -> dict[str, float]:
+    """CIDEr / BLEU of generated captions for the held-out images (needs the `caption`
+    extra): plain LLaVA stage-1 captioning after alignment, a chat-template request after
+    instruction tuning."""
+    from vlmalign.data.splits import eval_samples
+    from vlmalign.eval.captioning import caption_prompt, evaluate_captioning
+
+    prompt = caption_prompt(model.tokenizer) if RECIPES.get(cfg.recipe).data == "conversations" else ""
+    return evaluate_captioning(model, eval_samples(cfg.data), prompt=prompt)
+
+
+def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] | None = None,
+                 captions: bool = False) -> dict[str, float]:
+    """Run the recipe's evaluations on the held-out split (and captioning when asked);
+    write, log, print and plot."""
     evals = RECIPES.get(cfg.recipe).evals
     metrics: dict[str, float] = {}
     meta: dict = {"recipe": cfg.recipe, "checkpoint": str(checkpoint)}
@@ -44,6 +57,8 @@ def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] 
         meta["skipped"] = data.report.as_dict()
     if "mcq" in evals:
         metrics |= evaluate_mcq_split(model, cfg)
+    if captions:
+        metrics |= evaluate_captions(model, cfg)
     if history:
         last = history[-1]
         metrics |= {f"train_{k}": float(v) for k, v in last.items() if k.endswith("_loss")}
