@@ -36,3 +36,17 @@ def test_vladva_ablation_runs_every_variant_and_the_clip_peer(tmp_path):
     assert saved["contrastive long"]["emb_t2i_R@1"] == results["contrastive long"]["emb_t2i_R@1"]
     # the long-caption variant trained on long captions: its cached text states hold them
     assert results["+ soft prompts + LoRA"] != results["contrastive short"]
+
+
+def test_prompts_experiment_compares_prompts_on_one_checkpoint(tiny_cfg, tmp_path):
+    from vlmalign.experiments.prompts import PROMPTS
+    from vlmalign.train.trainer import train
+
+    run = train(tiny_cfg("align-clip", "train.max_steps=2", "data.eval_max_samples=12"))
+    out = tmp_path / "prompts.json"
+    assert main(["experiment", "--checkpoint", str(run.checkpoint.parent), "--out", str(out), "prompts"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == [p[0] for p in PROMPTS]
+    gaps = {round(m["gap_gap"], 6) for m in results.values()}
+    assert len(gaps) > 1  # the prompt changes the embeddings
+    assert results["no instruction"]["text_prompt"] == "<sent>"

@@ -14,6 +14,7 @@
     vlmalign baseline clip align-clip train.max_steps=40
     vlmalign experiment data-efficiency [--quick]
     vlmalign experiment vladva [--quick]
+    vlmalign experiment --checkpoint runs/align-clip prompts
     vlmalign demo [--quick]
 """
 
@@ -206,7 +207,15 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         seed = args.seeds[0] if args.seeds else 0
         run_vladva(out=args.out or "runs/vladva", quick=args.quick, seed=seed, extra=args.overrides)
         return 0
-    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency, vladva")
+    if args.name == "prompts":
+        from vlmalign.experiments.prompts import run_prompts
+
+        if not args.checkpoint:
+            console.print("[red]experiment prompts[/] needs --checkpoint DIR (a trained align-clip or discriminative run)")
+            return 2
+        run_prompts(args.checkpoint, args.out, args.overrides)
+        return 0
+    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency, vladva, prompts")
     return 2
 
 
@@ -296,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_baseline)
 
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
-    x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer)")
+    x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer), prompts (Ak et al.)")
+    x.add_argument("--checkpoint", default=None, help="prompts: the checkpoint (or run folder) to evaluate")
     x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
     x.add_argument("--out", default=None)
     x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")
