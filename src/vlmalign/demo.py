@@ -18,7 +18,9 @@ from rich.console import Console
 from vlmalign.cache import TextStateCache
 from vlmalign.config import load_config
 from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, evaluate
+from vlmalign.eval.html_report import write_report
 from vlmalign.eval.report import write_metrics
+from vlmalign.eval.run import write_plots
 from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
 from vlmalign.train.datasets import TrainData
@@ -57,7 +59,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     t = time.perf_counter()
     text_cache = TextStateCache()
     train_data = TrainData.prepare(model, base, "captions", text_cache)
-    eval_data = EvalData.prepare(model, base)
+    eval_data = EvalData.prepare(model, base, benchmarks=False)  # the demo compares recipes; `vlmalign eval` adds Karpathy and zero-shot
     console.print(f"tower features for {len(train_data.samples)} train + {len(eval_data.images)} eval images in {time.perf_counter() - t:.1f} s")
 
     results: dict[str, dict[str, float]] = {}
@@ -69,6 +71,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         metrics["train_s"] = result.wall_time_s
         metrics["train_ntp_loss"] = result.history[-1]["ntp_loss"] if result.history else float("nan")
         write_metrics(result.checkpoint / METRICS_NAME, metrics, meta={"recipe": name, "seed": seed})
+        write_plots(model, eval_data, out / name, result.history, metrics)
         results[name] = metrics
         console.print(f"  {name}: trained in {result.wall_time_s:.0f} s, evaluated in {metrics['eval_seconds']:.0f} s")
     total = time.perf_counter() - t0
@@ -79,5 +82,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         "comp = SugarCrepe-style accuracy, mean over hard-negative categories (chance 50%)"
     )
     console.print(f"total wall time {total:.0f} s; checkpoints and metrics.json under {out}")
+    report = write_report([out / name for name in RECIPES], out / "report.html")
+    console.print(f"plots under {out}/<recipe>/plots, comparison page {report}")
     (out / "demo_summary.json").write_text(json.dumps({"seed": seed, "quick": quick, "total_s": total, "results": results}, indent=2))
     return results

@@ -24,6 +24,18 @@ console = Console()
 PLOT_PAIRS = 32
 
 
+def write_plots(model: VLM, data: EvalData, run_dir: Path, history: list[dict], metrics: dict[str, float]) -> list[Path]:
+    """The run's PNGs: loss curves, R@K bars, and (from the first PLOT_PAIRS held-out pairs)
+    the similarity matrix and the 2-D projection of image and text embeddings."""
+    n = min(PLOT_PAIRS, len(data.captions))
+    img = txt = None
+    if n:
+        with torch.no_grad():
+            img = model.embed_images(data.features[data.text_to_image[:n]].to(model.projector_device()))
+            txt = model.embed_texts(data.captions[:n])
+    return write_run_plots(run_dir, history, metrics, img, txt, data.captions[:n] if n else None)
+
+
 def evaluate_mcq_split(model: VLM, cfg: Config) -> dict[str, float]:
     """Multiple-choice accuracy (likelihood and generation) on the held-out MCQ file."""
     from vlmalign.data.splits import mcq_items
@@ -67,12 +79,8 @@ def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] 
     step = int(history[-1]["step"]) if history else 0
     log_eval_metrics(run_dir, step, metrics)  # the table below is what the terminal shows
     console.print(comparison_table({cfg.recipe: metrics}, f"{cfg.recipe}: held-out evaluation"))
-    img = txt = captions = None
-    if data is not None and data.captions:
-        n = min(PLOT_PAIRS, len(data.captions))
-        with torch.no_grad():
-            img = model.embed_images(data.features[data.text_to_image[:n]].to(model.projector_device()))
-            txt = model.embed_texts(data.captions[:n])
-        captions = data.captions[:n]
-    write_run_plots(run_dir, history or [], metrics, img, txt, captions)
+    if data is not None:
+        write_plots(model, data, run_dir, history or [], metrics)
+    else:
+        write_run_plots(run_dir, history or [], metrics)
     return metrics
