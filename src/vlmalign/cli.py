@@ -195,6 +195,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+    if args.name == "data-efficiency" and args.merge:
+        from vlmalign.experiments.data_efficiency import merge_results
+
+        merge_results(args.merge, args.out or "runs/data-efficiency")
+        return 0
     if args.name == "data-efficiency":
         from vlmalign.experiments.data_efficiency import run_data_efficiency
 
@@ -307,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
     x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer), prompts (Ak et al.)")
     x.add_argument("--checkpoint", default=None, help="prompts: the checkpoint (or run folder) to evaluate")
+    x.add_argument("--merge", nargs="+", help="data-efficiency: combine the results of runs made with other --seeds")
     x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
     x.add_argument("--out", default=None)
     x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")

@@ -174,14 +174,38 @@ def run_data_efficiency(out: str | Path = "runs/data-efficiency", quick: bool = 
     seeds = tuple(seeds) if seeds else settings["seeds"]
     console.print(f"[bold]data-efficiency[/] ({'quick' if quick else 'full'}): {', '.join(ALIGNMENTS)} then instruct "
                   f"at fractions {', '.join(f'{f:g}' for f in FRACTIONS)}; seeds {', '.join(map(str, seeds))}")
-    results = {seed: run_seed(settings, out, seed, llm, tower, list(extra or [])) for seed in seeds}
+    results: dict[int, dict] = {}
+    for seed in seeds:
+        results[seed] = run_seed(settings, out, seed, llm, tower, list(extra or []))
+        summary = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                   "seeds": list(results), "fractions": list(FRACTIONS), "results": results,
+                   "total_s": time.perf_counter() - t0}
+        (out / "results.json").write_text(json.dumps(summary, indent=2))  # after every seed
+    return summarise(summary, out)
+
+
+def summarise(summary: dict, out: Path) -> dict:
+    """Plot and print the tables of a results summary (one run's, or merged)."""
+    results = summary["results"]
     chance = next(iter(results.values()))[ALIGNMENTS[0]]["0"].get("mcq_chance", 0.0)
-    summary = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-               "seeds": list(seeds), "fractions": list(FRACTIONS), "results": results,
-               "total_s": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
     png = plot(results, out / "mcq_vs_fraction.png", chance)
     console.print(summary_table(results, "mcq_lik_acc", "MCQ accuracy (%), option likelihood"))
     console.print(summary_table(results, "mcq_gen_acc", "MCQ accuracy (%), generation + answer parsing"))
-    console.print(f"chance {chance:.1f}%; wrote {out / 'results.json'} and {png} in {summary['total_s']:.0f} s")
+    console.print(f"chance {chance:.1f}%; wrote {out / 'results.json'} and {png} ({summary['total_s']:.0f} s)")
     return summary
+
+
+def merge_results(dirs: list[str | Path], out: str | Path) -> dict:
+    """Combine the `results.json` of runs made with different `--seeds` (e.g. one process
+    per seed) into one summary, table and plot under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged: dict = {"results": {}, "total_s": 0.0, "sources": [str(d) for d in dirs]}
+    for d in dirs:
+        part = json.loads((Path(d) / "results.json").read_text())
+        merged["settings"], merged["fractions"] = part["settings"], part["fractions"]
+        merged["results"] |= part["results"]
+        merged["total_s"] += part["total_s"]
+    merged["seeds"] = list(merged["results"])
+    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    return summarise(merged, out)
