@@ -39,7 +39,6 @@ renamed `id#2`, ...: LLaVA's files reuse an image's id for several conversations
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +53,7 @@ from vlmalign.data.formats import (
     DuplicateTracker,
     check_image,
     json_type,
-    read_json_file,
-    read_text_lines,
+    read_records,
     require_strings,
     resolve_image_path,
 )
@@ -99,23 +97,7 @@ class ConversationLoadReport(LoadReport):
 
 
 def _read_records(path: Path, report: LoadReport) -> list[tuple[str, Any]]:
-    """[(where, record)] from a `.json` list (malformed or not UTF-8: ValueError naming the
-    position) or a `.jsonl` file (bad lines counted)."""
-    if path.suffix == ".jsonl":
-        out = []
-        for lineno, line in read_text_lines(path, report):
-            try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} (column {err.colno})")
-        return out
-    data = read_json_file(path)
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{path} holds a JSON {json_type(data)}; a LLaVA conversation file is a list "
-            '[{"id", "image", "conversations": [...]}, ...]'
-        )
-    return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
+    return read_records(path, report, 'a LLaVA conversation file is a list [{"id", "image", "conversations": [...]}, ...]')
 
 
 def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, str]] | None:

@@ -104,6 +104,24 @@ def _keep_pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
     return obj
 
 
+def read_records(path: Path, report: LoadReport, expected: str) -> list[tuple[str, Any]]:
+    """[(where, record)] from a `.json` list (malformed or not UTF-8: ValueError naming the
+    position) or a `.jsonl` file (bad lines skipped and counted). `expected` describes the
+    list the file should hold, for the error when it holds something else."""
+    if path.suffix == ".jsonl":
+        out = []
+        for lineno, line in read_text_lines(path, report):
+            try:
+                out.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} (column {err.colno})")
+        return out
+    data = read_json_file(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path} holds a JSON {json_type(data)}; {expected}")
+    return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
+
+
 def read_json_file(path: Path, keep_duplicate_keys: bool = False) -> Any:
     """Parse a whole-file JSON document, with errors that name the file and position.
 

@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmalign.data.formats import DuplicateTracker, resolve_image_path, valid_id
+from vlmalign.data.formats import (
+    DuplicateTracker,
+    read_json_file,
+    read_records,
+    resolve_image_path,
+    valid_id,
+)
 from vlmalign.data.sample import LoadReport
 
 log = logging.getLogger(__name__)
@@ -211,37 +217,15 @@ def _existing_image(image: str, root: Path, where: str, report: LoadReport, allo
 
 
 def _read_list(path: Path, report: LoadReport) -> list[tuple[str, Any]]:
-    """[(where, record)] from a `.json` list or a `.jsonl` file (bad lines counted)."""
-    if path.suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} at column {err.colno}")
-        return out
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{path} holds a JSON {type(data).__name__}; a multiple-choice file is a list "
-            '[{"id", "question", "choices", "answer", "image"}, ...]'
-        )
-    return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; check the path")
+    return read_records(path, report, 'a multiple-choice file is a list [{"id", "question", "choices", "answer", "image"}, ...]')
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; check the path")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
-            "fix the file there or regenerate it"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); re-encode it") from err
+    return read_json_file(path)
 
 
 def load_mcq_json(
