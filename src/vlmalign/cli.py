@@ -12,10 +12,12 @@
     vlmalign report runs/align runs/align-cg
     vlmalign config show align-cg train.lr=5e-4
     vlmalign baseline clip align-clip train.max_steps=40
-    vlmalign experiment data-efficiency [--quick]
-    vlmalign experiment vladva [--quick]
+    vlmalign experiment [--quick] data-efficiency
+    vlmalign experiment [--quick] vladva
     vlmalign experiment --checkpoint runs/align-clip prompts
     vlmalign demo [--quick]
+
+Options go before positional arguments and dotted overrides.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe: vlmalign train RECIPE|CONFIG.yaml [key=value ...]")
-    t.add_argument("config", help="recipe id (align, align-cg, align-clip) or a YAML file")
+    t.add_argument("config", help="recipe id (align, align-cg, align-clip, instruct, discriminative) or a YAML file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
     t.set_defaults(fn=_cmd_train)
 
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--caption", action="store_true", help="also score generated captions (CIDEr, BLEU; the caption extra)")
     e.set_defaults(fn=_cmd_eval)
 
-    d = sub.add_parser("data", help="write datasets")
+    d = sub.add_parser("data", help="write, check and shard datasets")
     dsub = d.add_subparsers(dest="dataset", required=True)
     s = dsub.add_parser("shapes", help="write the procedural shapes dataset")
     s.add_argument("--out", required=True)
