@@ -57,8 +57,11 @@ def test_cli_train_writes_checkpoint_and_metrics(shapes_root, tmp_path, capsys):
     rc = main(["train", "align-cg", *TINY, f"data.root={shapes_root}", f"train.out_dir={out}", "train.max_steps=3"])
     assert rc == 0
     ckpt = out / (out / "latest").read_text()
-    metrics = json.loads((ckpt / "metrics.json").read_text())["metrics"]
+    saved = json.loads((ckpt / "metrics.json").read_text())
+    metrics = saved["metrics"]
     assert "patch_i2t_R@1" in metrics
+    training = saved["meta"]["training"]  # what training skipped travels with the metrics
+    assert training["skipped"]["loaded"] > 0 and training["nonfinite"]["skipped_total"] == 0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 3 and "patch_loss" in history[-1]
     rc = main(["eval", str(ckpt)])
@@ -109,3 +112,17 @@ def test_cli_names_known_recipes_for_an_unknown_one(capsys):
     assert main(["train", "align-typo"]) == 2
     out = capsys.readouterr().out
     assert "align-typo" in out and "align-cg" in out
+
+
+def test_cli_train_aborts_on_mostly_broken_data(shapes_root, tmp_path, capsys):
+    lines = (shapes_root / "train.jsonl").read_text().splitlines()[:3] + ["{not json"] * 7
+    bad = shapes_root / "mostly_bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    try:
+        rc = main(["train", "align", *TINY, f"data.root={shapes_root}", "data.train_file=mostly_bad.jsonl",
+                   f"train.out_dir={tmp_path / 'run'}", "train.max_steps=1", "--max-skip-fraction", "0.5"])
+    finally:
+        bad.unlink()
+    out = capsys.readouterr().out
+    assert rc == 1 and "DataQualityError" in out and "7 of 10" in out
+    assert not (tmp_path / "run" / "latest").exists()

@@ -40,13 +40,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vlmalign.paths import recipe_config
     from vlmalign.train.trainer import train
 
-    cfg = load_config(recipe_config(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if args.max_skip_fraction is not None:
+        overrides.append(f"data.max_skip_fraction={args.max_skip_fraction}")
+    cfg = load_config(recipe_config(args.config), overrides)
     result = train(cfg)
     console.print(f"checkpoint: {result.checkpoint}")
     if cfg.train.eval_at_end and PartialState().is_main_process:
         from vlmalign.eval.run import evaluate_run
 
-        evaluate_run(result.model, cfg, result.checkpoint, result.history)
+        evaluate_run(result.model, cfg, result.checkpoint, result.history, training=result.data_report)
     return 0
 
 
@@ -241,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe: vlmalign train RECIPE|CONFIG.yaml [key=value ...]")
     t.add_argument("config", help="recipe id (align, align-cg, align-clip, instruct, discriminative) or a YAML file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
+    t.add_argument("--max-skip-fraction", type=float, default=None,
+                   help="abort before training when more than this share of records is bad (data.max_skip_fraction)")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run folder's latest) on its held-out split")

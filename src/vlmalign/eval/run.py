@@ -5,6 +5,7 @@ printed as a table and drawn as plots in the run folder.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,17 +57,23 @@ def evaluate_captions(model: VLM, cfg: Config) -> dict[str, float]:
 
 
 def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] | None = None,
-                 captions: bool = False) -> dict[str, float]:
+                 captions: bool = False, training: dict | None = None) -> dict[str, float]:
     """Run the recipe's evaluations on the held-out split (and captioning when asked);
-    write, log, print and plot."""
+    write, log, print and plot. `training`: what the training run skipped (its bad
+    records, truncations, non-finite steps), kept in the metrics JSON."""
     evals = RECIPES.get(cfg.recipe).evals
     metrics: dict[str, float] = {}
     meta: dict = {"recipe": cfg.recipe, "checkpoint": str(checkpoint)}
+    if training is None and (checkpoint / "trainer_state.json").exists():
+        record = json.loads((checkpoint / "trainer_state.json").read_text())
+        training = {k: record[k] for k in ("skipped", "truncated", "nonfinite") if k in record}
+    if training:
+        meta["training"] = training
     data = None
     if "retrieval" in evals:
         data = EvalData.prepare(model, cfg)
         metrics |= evaluate(model, data, cfg)
-        meta["skipped"] = data.report.as_dict()
+        meta["eval_skipped"] = data.report.as_dict()
     if "mcq" in evals:
         metrics |= evaluate_mcq_split(model, cfg)
     if captions:

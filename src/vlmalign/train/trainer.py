@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,9 @@ class TrainResult:
     wall_time_s: float
     model: VLM
     objective: Objective
+    # What the run dropped or skipped: {"skipped": LoadReport.as_dict(), "truncated": n,
+    # "nonfinite": {"skipped_total", ...}}; written into metrics.json by the evaluation.
+    data_report: dict = field(default_factory=dict)
 
 
 class TrainStep(nn.Module):
@@ -270,6 +273,8 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
                     break
             else:  # the epoch ran out (not a break at max_steps)
                 state.epoch, state.batches_done = state.epoch + 1, 0
+                if batches.report.total_skipped() and accelerator.is_main_process:
+                    console.print(f"[yellow]end of epoch {state.epoch}: {batches.report.summary()}")
     if stop.requested:
         console.print(f"[yellow]stopped by signal {stop.signum} at step {state.step}; resume with train.resume=latest")
         raise TrainingInterrupted(out_dir / f"checkpoint-{state.step}", stop.signum or 15)
@@ -282,4 +287,4 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         with open(out_dir / "history.jsonl", "w") as f:
             for entry in state.history:
                 f.write(json.dumps(entry) + "\n")
-    return TrainResult(final, state.history, time.perf_counter() - t0, model, objective)
+    return TrainResult(final, state.history, time.perf_counter() - t0, model, objective, dict(state.extra))
