@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | embed | search | report | config | baseline | experiment | demo.
+"""Command line: vlmalign train | eval | data | chat | caption | embed | search | export | report | config | baseline | experiment | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -6,6 +6,8 @@
     vlmalign data shapes --out data/shapes --n 1280 --seed 0
     vlmalign data check instruct data.train_file=llava_instruct.json
     vlmalign chat --checkpoint runs/instruct --image cat.jpg --prompt "What is in the image?"
+    vlmalign caption --checkpoint runs/align-cg --images photos/ --out captions.jsonl
+    vlmalign export runs/instruct --merge-lora --out exported/
     vlmalign embed --checkpoint runs/discriminative --images photos/ --out photos.safetensors
     vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
@@ -134,6 +136,21 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     shard_command(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix,
                   split=args.split, caption_field=args.caption_field)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlmalign.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora)
+    console.print(f"exported {args.checkpoint} to {out} (llm/: plain transformers, vlm/: vlmalign)")
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from vlmalign.inference import caption_command
+
+    caption_command(args.checkpoint, args.images, args.prompt, args.out, args.batch_size, args.max_new_tokens)
     return 0
 
 
@@ -282,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=64)
     ch.set_defaults(fn=_cmd_chat)
 
+    cp = sub.add_parser("caption", help="caption images with a trained model")
+    cp.add_argument("--checkpoint", required=True, help="checkpoint, run folder or export folder")
+    cp.add_argument("--images", required=True, help="a folder (recursive) or one image")
+    cp.add_argument("--prompt", default=None, help="an instruction (chat turn); default follows the recipe")
+    cp.add_argument("--out", default=None, help="captions.jsonl; default prints path<TAB>caption")
+    cp.add_argument("--batch-size", type=int, default=16)
+    cp.add_argument("--max-new-tokens", type=int, default=32)
+    cp.set_defaults(fn=_cmd_caption)
+
+    ex = sub.add_parser("export", help="write a checkpoint as a plain transformers LLM + a vlmalign folder")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="fold LoRA adapters into the LLM weights (default) or keep them apart")
+    ex.set_defaults(fn=_cmd_export)
+
     em = sub.add_parser("embed", help="embed images or texts with a trained model into a safetensors file")
     em.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
     em.add_argument("--images", help="a folder of images (searched recursively)")
@@ -359,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as e:
         console.print(f"[red]not found:[/] {e}")
+        return 2
+    except FileExistsError as e:
+        console.print(f"[red]already exists:[/] {e}")
         return 2
     except (DataQualityError, CheckpointError, DiskFullError, TrainingOOMError, NonFiniteError) as e:
         console.print(f"[red]{type(e).__name__}:[/] {e}", highlight=False)

@@ -35,7 +35,13 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
 def load_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> VLM:
     """A checkpoint folder (or a run folder: its `latest` checkpoint) ready for inference:
     eval mode, no gradients."""
-    model = VLM.from_pretrained(resolve_checkpoint(checkpoint), overrides)
+    path = resolve_checkpoint(checkpoint)
+    if (path / "export.json").exists() or (path / "vlm" / "export.json").exists():
+        from vlmalign.export import load_export
+
+        model = load_export(path, overrides)
+    else:
+        model = VLM.from_pretrained(path, overrides)
     model.requires_grad_(False)
     return model.eval()
 

