@@ -193,3 +193,34 @@ def test_require_extra():
     with pytest.raises(ImportError, match=r"CIDEr scores needs the optional package 'pycocoevalcap_not_here'.*"
                                           r"pip install 'vlmalign\[caption\]'"):
         require_extra("pycocoevalcap_not_here", "caption", "CIDEr scores")
+
+
+def test_trainer_skips_a_nan_step_counts_it_and_aborts_on_a_run_of_them(tiny_cfg):
+    """End to end: a NaN loss at one step is skipped (weights unchanged by it) and counted in
+    the checkpoint; `train.max_nonfinite_steps` NaN steps in a row stop the run."""
+    import json
+    from unittest import mock
+
+    from vlmalign.objective import Objective
+    from vlmalign.train.trainer import train
+
+    original = Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, replay=None):
+        loss, parts = original(self, model, batch, replay)
+        calls["n"] += 1
+        if calls["n"] in poison:
+            loss = loss * float("nan")
+        return loss, parts
+
+    poison = {2}
+    with mock.patch.object(Objective, "forward", poisoned):
+        result = train(tiny_cfg("align", "train.max_steps=4"))
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    assert state["nonfinite"]["skipped_total"] == 1 and state["nonfinite"]["skipped_steps"] == [1]
+    assert all(torch.isfinite(p).all() for p in result.model.projector.parameters())
+
+    calls["n"], poison = 0, {2, 3, 4}
+    with mock.patch.object(Objective, "forward", poisoned), pytest.raises(NonFiniteError, match="3 steps in a row"):
+        train(tiny_cfg("align", "train.max_steps=6", "train.max_nonfinite_steps=3"))
