@@ -164,7 +164,10 @@ def test_torchrun_trains_two_ranks_and_matches_accelerate_launch(launched):
     by_accelerate = _check_two_rank_run(launched["accelerate"])
     assert by_torchrun.keys() == by_accelerate.keys()
     for k in by_torchrun:  # same seed, same data, same gloo all-reduce: the same weights
-        assert by_torchrun[k].equal(by_accelerate[k]), k
+        diff = float((by_torchrun[k] - by_accelerate[k]).abs().max())
+        # The launchers may pick different intra-op thread counts, which changes the float
+        # summation order: equal up to rounding (1.6e-6 seen), far below one optimizer step (lr 1e-3).
+        assert diff < 1e-5, (k, diff)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | caption | embed | search | export | report | config | baseline | experiment | demo.
+"""Command line: vlmalign train | eval | data | chat | caption | embed | search | export | report | bench | config | baseline | experiment | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -12,6 +12,7 @@
     vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
+    vlmalign bench --recipes align,align-clip --steps 5
     vlmalign config show align-cg train.lr=5e-4
     vlmalign baseline clip align-clip train.max_steps=40
     vlmalign experiment [--quick] data-efficiency
@@ -152,6 +153,12 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
     caption_command(args.checkpoint, args.images, args.prompt, args.out, args.batch_size, args.max_new_tokens)
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vlmalign.bench import bench_from_args
+
+    return bench_from_args(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -329,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--index", required=True, help="a file written by `vlmalign embed --images`")
     se.add_argument("--top", type=int, default=5)
     se.set_defaults(fn=_cmd_search)
+
+    bn = sub.add_parser("bench", help="time one training step per recipe, optimised vs naive (ms, samples/s, memory, MFU)")
+    bn.add_argument("--recipes", default="", help="comma list; default all five")
+    bn.add_argument("--llm", default="smollm2-135m")
+    bn.add_argument("--tower", default="efficientnet-lite0")
+    bn.add_argument("--batch-size", type=int, default=16)
+    bn.add_argument("--steps", type=int, default=3, help="timed steps per mode (median)")
+    bn.add_argument("--warmup", type=int, default=1)
+    bn.add_argument("--no-naive", action="store_true", help="skip the naive mode")
+    bn.add_argument("--ablate", default="", help="recipes to time with each optimisation off in turn")
+    bn.add_argument("--threads", default="", help="extra optimised rows at these thread counts, e.g. 1,2")
+    bn.add_argument("--num-threads", type=int, default=None)
+    bn.add_argument("--caption-format", default="prompted", choices=["plain", "prompted"])
+    bn.add_argument("--data-root", default=None)
+    bn.add_argument("--feature-store", default=None, help="a folder for the on-disk feature cache")
+    bn.add_argument("--plain-reference", action="store_true", help="also time align on plain captions")
+    bn.add_argument("--json", default=None, help="where to write the JSON (default: printed path)")
+    bn.add_argument("overrides", nargs="*")
+    bn.set_defaults(fn=_cmd_bench)
 
     r = sub.add_parser("report", help="one self-contained report.html comparing runs")
     r.add_argument("run_dirs", nargs="+", help="run folders, checkpoint folders or a folder of runs")

@@ -134,6 +134,11 @@ class DataConfig:
     compositional_file: str = ""
     # Which caption field trains the caption losses.
     caption_field: str = "caption"
+    # "plain": [<image> x Q] caption <eos> (LLaVA stage 1); "prompted": the caption
+    # continues the image embedding prompt, so one LLM pass serves both the embedding and
+    # the next-token loss (align-clip then costs ~1.1x align instead of ~1.7x;
+    # benchmarks/README.md). Training and held-out evaluation use the same format.
+    caption_format: str = "plain"
     # Caption tokens kept (after the image tokens); longer captions are truncated and
     # counted.
     max_caption_tokens: int = 64
@@ -193,6 +198,9 @@ class TrainConfig:
     group_by_length: bool = True
     # Precompute frozen vision features once instead of every step.
     cache_vision_features: bool = True
+    # Folder for frozen tower features on disk (memory-mapped, keyed by tower weights +
+    # image sha256), reused across runs and epochs; "" keeps them in memory only.
+    feature_cache_dir: str = ""
     # Precompute text embeddings when nothing on the text path trains.
     cache_text_embeddings: bool = True
     # "no" (fp32), "bf16" (GPUs that support it) or "fp16"; "" takes the launcher's

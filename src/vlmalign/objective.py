@@ -10,6 +10,11 @@ rank returns its share of the global-batch loss, such that the mean of the ranks
 and of their gradients (what DDP computes) equals the loss and gradients of one process on
 the global batch: contrastive negatives are all-gathered (losses.gather_with_grad) and the
 next-token loss is token-weighted over the global batch (`rank_token_weight`).
+
+Shared pass: with "prompted" caption sequences (data/collate.py, `prompt_state_at` in the
+batch) the caption continues the image embedding prompt, so the one LLM pass of the
+next-token loss also yields the prompted image state (`VLM.ntp(state_at=...)`): a
+contrastive recipe then costs about what the next-token loss alone costs.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ class Objective(nn.Module):
         parts: dict[str, Tensor] = {}
         total = visual.new_zeros(())
         if c.ntp_weight > 0:
-            parts |= self.ntp_part(model, batch, visual)
+            parts |= self.ntp_part(model, batch, visual, state_at=self.shared_state_at(model, batch))
             ntp = parts["ntp_loss"]
             if replay is not None:
                 ntp = ntp * replay["ntp_factor"]
@@ -113,7 +118,7 @@ class Objective(nn.Module):
                 ntp = parts["ntp_loss"] = ntp * rank_token_weight(parts["ntp_tokens"])
             total = total + c.ntp_weight * ntp
         if self.contrastive_active:
-            reps = self.representations(model, batch, visual)
+            reps = self.representations(model, batch, visual, image_state=parts.pop("prompt_state", None))
             if replay is not None:
                 for key, rep in reps.items():
                     total = total + (rep * replay["grads"][key].to(rep.dtype)).sum()
@@ -127,19 +132,34 @@ class Objective(nn.Module):
         parts["loss"] = total.detach()
         return total, parts
 
-    def ntp_part(self, model: VLM, batch: dict, visual: Tensor) -> dict[str, Tensor]:
+    def shared_state_at(self, model: VLM, batch: dict) -> int | None:
+        """Position of the prompted image state inside the next-token sequences when one
+        pass can serve both losses (prompted captions, every row in both, no image soft
+        prompt); None otherwise (the embedding then takes its own pass)."""
+        at = batch.get("prompt_state_at")
+        if at is None or not self.uses_embeddings or model.image_soft is not None:
+            return None
+        if batch.get("ntp_rows") is not None or batch.get("emb_rows") is not None:
+            return None
+        return int(at)
+
+    def ntp_part(self, model: VLM, batch: dict, visual: Tensor, state_at: int | None = None) -> dict[str, Tensor]:
         """Per-token mean next-token loss of the batch's sequences (`ntp_rows` of the
-        images when the batch has row subsets) and its token count."""
+        images when the batch has row subsets) and its token count; with `state_at`, also
+        the prompted image state of the same pass (`prompt_state`, [B, D])."""
         if "input_ids" not in batch:  # no long caption in this batch: an exact zero that keeps the graph
             return {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": torch.zeros((), dtype=torch.long, device=visual.device)}
         rows = batch.get("ntp_rows")
         ntp_visual = visual if rows is None else visual[rows.to(visual.device)]
-        return model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual)
+        return model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual, state_at=state_at)
 
-    def representations(self, model: VLM, batch: dict, visual: Tensor) -> dict[str, Tensor]:
+    def representations(
+        self, model: VLM, batch: dict, visual: Tensor, image_state: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """What the contrastive losses see, per sample: `patch_v` / `patch_e` ([B, D],
         CG-VLM's factorised patch-token vectors) and `image_emb` / `text_emb` ([B_s, D],
-        prompted embeddings of the `emb_rows`)."""
+        prompted embeddings of the `emb_rows`). `image_state` [B, D]: the raw prompted image
+        states when the next-token pass already computed them (shared pass)."""
         c = self.cfg
         reps: dict[str, Tensor] = {}
         if self.uses_patch:
@@ -147,9 +167,11 @@ class Objective(nn.Module):
             tokens = model.input_embeddings(batch["caption_ids"])  # [B, Tc, D]
             reps["patch_v"], reps["patch_e"] = losses.patch_token_vectors(pooled, tokens, batch["caption_mask"])
         if self.uses_embeddings:
-            rows = batch.get("emb_rows")
-            emb_visual = visual if rows is None else visual[rows.to(visual.device)]
-            reps["image_emb"] = model.finish_embedding(model.image_states(emb_visual))
+            if image_state is None:
+                rows = batch.get("emb_rows")
+                emb_visual = visual if rows is None else visual[rows.to(visual.device)]
+                image_state = model.image_states(emb_visual)  # [B_s, D]
+            reps["image_emb"] = model.finish_embedding(image_state)
             states = batch.get("text_states")
             if states is None:
                 states = model.text_states(batch["captions"])

@@ -1,8 +1,12 @@
 """Tokenisation, label masks and batching for caption data.
 
-A caption sample becomes `[<image> x Q] caption <eos>` (LLaVA stage-1 "plain" format):
-labels are -100 on the image positions and on padding, so the next-token loss sees only
-the caption and its end token. The caption's own token ids (no image, no eos) are kept
+A caption sample becomes `[<image> x Q] caption <eos>` (LLaVA stage-1 "plain" format), or,
+with a `CaptionPrompt` ("prompted" format), the image embedding prompt followed by the
+caption: `[chat head][<image> x Q][prompt suffix][chat tail] caption <eos>`. Labels are -100
+on the image and prompt positions and on padding, so the next-token loss sees only the
+caption and its end token. In the prompted format the hidden state right before the caption
+is the prompted image embedding (E5-V style), so one LLM pass serves both the embedding and
+the next-token loss (objective.py). The caption's own token ids (no image, no eos) are kept
 apart for the patch-token contrastive loss.
 """
 
@@ -55,15 +59,32 @@ class CaptionDataset(Dataset):
         return item
 
 
+CAPTION_FORMATS = ("plain", "prompted")
+
+
+@dataclass(frozen=True)
+class CaptionPrompt:
+    """Token ids around the visual tokens in the "prompted" caption format: `before`
+    (chat head + template text before `<image>`) and `after` (template text after it + the
+    chat tail up to the generation prompt). `VLM.caption_prompt()` builds it from the image
+    embedding template, so the caption continues exactly the image embedding prompt."""
+
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+
+
 @dataclass
 class CaptionCollator:
     """Builds a batch dict: input_ids, attention_mask, labels [B, T]; caption_ids,
-    caption_mask [B, Tc]; features or pixel_values; text_states when cached; captions."""
+    caption_mask [B, Tc]; features or pixel_values; text_states when cached; captions.
+    With `prompt` (prompted format) it also holds `prompt_state_at`: the position (same in
+    every row) of the last prompt token, whose final hidden state is the image embedding."""
 
     tokenizer: object
     image_token_id: int
     num_visual_tokens: int
     max_caption_tokens: int = 64
+    prompt: CaptionPrompt | None = None
     truncated: int = field(default=0, init=False)
 
     def caption_ids(self, text: str) -> list[int]:
@@ -77,6 +98,8 @@ class CaptionCollator:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         image = [self.image_token_id] * self.num_visual_tokens
+        if self.prompt is not None:  # [before][<image> x Q][after]: the image embedding prompt
+            image = [*self.prompt.before, *image, *self.prompt.after]
         caps = [self.caption_ids(it["caption"]) for it in items]
         seqs = [image + c + [eos] for c in caps]
         labels = [[IGNORE_INDEX] * len(image) + c + [eos] for c in caps]
@@ -91,6 +114,8 @@ class CaptionCollator:
             "captions": [it["caption"] for it in items],
             "index": torch.tensor([it["index"] for it in items]),
         }
+        if self.prompt is not None:
+            batch["prompt_state_at"] = len(image) - 1  # last prompt token, before the caption
         for key, out in (("features", "features"), ("pixel_values", "pixel_values"), ("text_state", "text_states")):
             if key in items[0]:
                 batch[out] = torch.stack([it[key] for it in items])

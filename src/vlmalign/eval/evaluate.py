@@ -252,7 +252,8 @@ def _caption_tokens(model: VLM, texts: list[str], max_tokens: int) -> tuple[Tens
 @torch.no_grad()
 def heldout_ntp_loss(model: VLM, data: EvalData, cfg: Config, batch_size: int = 32) -> float:
     """Token-weighted mean next-token loss of the held-out captions given their images."""
-    collate = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
+    collate = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
+                              prompt=model.caption_prompt())  # the training format
     total, tokens = 0.0, 0
     dev = model.projector_device()
     for i in range(0, len(data.captions), batch_size):

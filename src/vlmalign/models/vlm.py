@@ -4,7 +4,8 @@ Sequences carry one `<image>` id per visual token; `splice` puts the projector's
 those positions of the LLM input embeddings. The model offers:
 
 - `visual_tokens`: images (or cached tower features) -> [B, Q, D];
-- `ntp`: the next-token loss on caption tokens, LM head only at label positions;
+- `ntp`: the next-token loss on caption tokens, LM head only at label positions (and, for
+  "prompted" caption sequences, the prompted image state from the same pass);
 - `image_states` / `text_states`: prompted last-token hidden states (E5-V style);
 - `embed_images` / `embed_texts`: L2-normalised (optionally centred) embeddings, no grad;
 - `generate`: captions or answers;
@@ -25,6 +26,7 @@ from transformers import DynamicCache
 
 from vlmalign import losses
 from vlmalign.config import Config, load_config
+from vlmalign.data.collate import CAPTION_FORMATS, IGNORE_INDEX, CaptionPrompt
 from vlmalign.models.language import IMAGE_TOKEN, load_llm
 from vlmalign.models.lora import add_lora, is_lora, lora_parameters
 from vlmalign.models.projector import build_projector
@@ -213,12 +215,51 @@ class VLM(nn.Module):
             # Non-reentrant: works when the inputs (spliced embeddings) need no grad.
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def ntp(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor) -> dict[str, Tensor]:
-        """Next-token loss on label positions (LM head applied there only)."""
-        hidden = self.hidden_states(input_ids, attention_mask, visual)
+    def caption_prompt(self, fmt: str | None = None) -> CaptionPrompt | None:
+        """The ids around the visual tokens of a caption sequence, for `fmt` (default: the
+        config's `data.caption_format`): None for "plain" (`[<image> x Q] caption <eos>`),
+        the image embedding prompt for "prompted" (`[head][<image> x Q][suffix][tail]
+        caption <eos>`), whose last prompt state is then `image_states` of the same visual
+        tokens. Pass it to `CaptionCollator(prompt=...)` in training and evaluation alike."""
+        fmt = fmt if fmt is not None else getattr(self.cfg.data, "caption_format", "plain")
+        if fmt not in CAPTION_FORMATS:
+            raise ValueError(f"data.caption_format={fmt!r}; choose one of {', '.join(CAPTION_FORMATS)}")
+        if fmt == "plain":
+            return None
+        t = self.image_template
+        return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
+
+    def _cut_prefix(self, input_ids: Tensor, labels: Tensor) -> int:
+        """How many leading tokens of every row equal the cached image-prompt prefix and can
+        come from its keys/values: 0 unless the LLM is frozen, all rows start with it and
+        no label lies in it or right after it (its prediction would need the prefix state)."""
+        ids = self._image_prefix.ids
+        n = len(ids)
+        if not n or input_ids.shape[1] <= n or not self.llm_frozen():
+            return 0
+        head = torch.tensor(ids, device=input_ids.device)
+        same = bool((input_ids[:, :n] == head).all())
+        return n if same and bool((labels[:, : n + 1] == IGNORE_INDEX).all()) else 0
+
+    def ntp(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor, state_at: int | None = None
+    ) -> dict[str, Tensor]:
+        """Next-token loss on label positions (LM head applied there only).
+
+        Sequences that start with the image prompt's constant prefix (the "prompted"
+        caption format) continue its cached keys/values when the LLM is frozen (exact; the
+        prefix holds no label). With `state_at` (the batch's `prompt_state_at`), the result
+        also holds `prompt_state` [B, D]: the final hidden state at that position, i.e. the
+        raw prompted image state of the same pass (equal to `image_states(visual)`)."""
+        cut = self._cut_prefix(input_ids, labels)
+        prefix = self._image_prefix if cut else None
+        hidden = self.hidden_states(input_ids[:, cut:], attention_mask[:, cut:], visual, prefix)  # [B, T - cut, D]
         head = self.llm.get_output_embeddings()
         softcap = getattr(self.llm.config, "final_logit_softcapping", None)
-        return losses.next_token_loss(hidden, labels, head.weight, head.bias, logit_softcap=softcap)
+        out = losses.next_token_loss(hidden, labels[:, cut:], head.weight, head.bias, logit_softcap=softcap)
+        if state_at is not None:
+            out["prompt_state"] = hidden[:, state_at - cut]  # [B, D]
+        return out
 
     # ----------------------------------------------------------------- embeddings
     def _prompted(

@@ -132,7 +132,8 @@ def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text
 def _build_captions(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
     text_states = prepare_text_states(model, objective, [s.caption for s in data.records], data.text_cache, cfg)
     dataset = CaptionDataset(data.records, data.features, text_states, model.preprocess)
-    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
+    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
+                               prompt=model.caption_prompt())
     lengths = [len(collator.caption_ids(s.caption)) for s in data.records]
     collator.truncated = 0  # counted again while training
     return TrainSet(dataset, collator, lengths, lambda: collator.truncated)
@@ -194,7 +195,8 @@ def build_stream(model: VLM, cfg: Config, rank: int, world: int) -> TrainSet:
         texts = [s.caption for s in itertools.islice(head, cfg.embedding.centre_samples)]
         with torch.no_grad():
             model.set_embedding_mean(torch.cat([model.text_states(texts[i : i + 64]) for i in range(0, len(texts), 64)]))
-    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens)
+    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
+                               prompt=model.caption_prompt())
     return TrainSet(stream, collator, [], lambda: collator.truncated, stream=stream)
 
 

@@ -86,7 +86,7 @@ def accumulate_gradients(
             sizes = [r[key].shape[0] for r in reps]
             for k, g in enumerate(leaf.grad.split(sizes)):
                 grads[k][key] = g
-        logged |= {k: float(v) for k, v in cparts.items()}
+        logged |= {k: float(v.detach()) for k, v in cparts.items()}
         logged["loss"] = float(loss)
 
     ntp_sum = 0.0
