@@ -166,8 +166,10 @@ def test_torchrun_trains_two_ranks_and_matches_accelerate_launch(launched):
     for k in by_torchrun:  # same seed, same data, same gloo all-reduce: the same weights
         diff = float((by_torchrun[k] - by_accelerate[k]).abs().max())
         # The launchers may pick different intra-op thread counts, which changes the float
-        # summation order: equal up to rounding (1.6e-6 seen), far below one optimizer step (lr 1e-3).
-        assert diff < 1e-5, (k, diff)
+        # summation order; Adam's normalised updates carry that rounding into the weights
+        # (1.6e-6 and 1.8e-5 seen over 2 steps). A different data split or a single rank
+        # moves them by ~1e-2, so 1e-4 still tells the cases apart.
+        assert diff < 1e-4, (k, diff)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
