@@ -20,6 +20,7 @@ from vlmalign.data.images import BadImageError, load_image
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.feature_store import FeatureStore, image_digest
 from vlmalign.models.vlm import VLM
+from vlmalign.train.runlog import track
 
 
 def open_store(model: VLM, store: str | Path | FeatureStore | None) -> FeatureStore | None:
@@ -77,7 +78,7 @@ def tower_features(
             pending.clear()
             pending_keys.clear()
 
-    for s in samples:
+    for s in track(samples, "tower features", total=len(samples)):
         key = str(s.image)
         if key in bad:
             report.skip("unreadable image", key, "see the first error for this file")
@@ -125,7 +126,8 @@ class TextStateCache:
         """[N, D] raw states for `texts`, computing the ones not seen before."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._states]
         todo.sort(key=len)  # batches of similar length: little padding
-        for i in range(0, len(todo), self.batch_size):
+        starts = range(0, len(todo), self.batch_size)
+        for i in track(starts, f"text states ({len(todo)})", total=len(starts)):
             chunk = todo[i : i + self.batch_size]
             for t, s in zip(chunk, model.text_states(chunk).cpu(), strict=True):
                 self._states[t] = s

@@ -36,6 +36,7 @@ from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.scienceqa import LETTERS, MCQItem, load_mcq_json, mcq_user_turn, option_letter
 from vlmalign.models.prompts import expand_image_tokens
 from vlmalign.models.vlm import VLM
+from vlmalign.train.runlog import track
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,8 @@ def choice_scores(
     out: list[Tensor] = []
     was_training = model.training
     model.eval()
-    for start in range(0, len(items), batch_size):
+    starts = range(0, len(items), batch_size)
+    for start in track(starts, "MCQ: option likelihoods", total=len(starts)):
         batch = list(items[start : start + batch_size])
         pp = _PromptPass(model, batch, features, chat_template, system_prompt)
         conts = [[_encode_continuation(tok, p, r, continuation_text(it, k, continuation))
@@ -375,7 +377,8 @@ def generate_answers(
     texts: list[str] = []
     was_training = model.training
     model.eval()
-    for start in range(0, len(items), batch_size):
+    starts = range(0, len(items), batch_size)
+    for start in track(starts, "MCQ: generation", total=len(starts)):
         batch = list(items[start : start + batch_size])
         pp = _PromptPass(model, batch, features, chat_template, system_prompt)
         cache, mask, pos, last = pp.cache, pp.mask, pp.lengths.clone(), pp.last
