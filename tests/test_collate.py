@@ -28,3 +28,32 @@ def test_overlong_captions_are_truncated_and_counted():
     b = c([{"index": 0, "caption": "a large blue square left of a small green star"}])
     assert c.truncated == 1
     assert int((b["labels"] != IGNORE_INDEX).sum()) == 4  # 3 kept tokens + eos: never zero labels
+
+
+class _BosTokenizer:
+    """A tokenizer that puts <bos> (id 1) before text, as Gemma's does."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+    def __call__(self, text, add_special_tokens=True):
+        from types import SimpleNamespace
+
+        ids = [3 + ord(c) % 40 for c in text]
+        return SimpleNamespace(input_ids=([1] if add_special_tokens else []) + ids)
+
+
+def test_plain_captions_start_with_the_tokenizers_bos_untrained():
+    from vlmalign.data.collate import IGNORE_INDEX, CaptionCollator
+    from vlmalign.models.prompts import leading_special_ids
+
+    tok = _BosTokenizer()
+    assert leading_special_ids(tok) == [1]
+    batch = CaptionCollator(tok, image_token_id=99, num_visual_tokens=2)([{"index": 0, "caption": "ab"}])
+    assert batch["input_ids"][0].tolist() == [1, 99, 99, 3 + ord("a") % 40, 3 + ord("b") % 40, 2]
+    assert batch["labels"][0].tolist()[:3] == [IGNORE_INDEX] * 3
+
+
+def test_tokenizers_without_bos_get_nothing_prepended(tiny_model):
+    from vlmalign.models.prompts import leading_special_ids
+
+    assert leading_special_ids(tiny_model.tokenizer) == []

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import Sample
+from vlmalign.models.prompts import leading_special_ids
 
 IGNORE_INDEX = -100
 
@@ -100,6 +101,8 @@ class CaptionCollator:
         image = [self.image_token_id] * self.num_visual_tokens
         if self.prompt is not None:  # [before][<image> x Q][after]: the image embedding prompt
             image = [*self.prompt.before, *image, *self.prompt.after]
+        else:  # plain: the tokenizer's own leading ids (Gemma's <bos>) first, untrained
+            image = [*leading_special_ids(self.tokenizer), *image]
         caps = [self.caption_ids(it["caption"]) for it in items]
         seqs = [image + c + [eos] for c in caps]
         labels = [[IGNORE_INDEX] * len(image) + c + [eos] for c in caps]

@@ -32,6 +32,16 @@ def render_prompt(
     return text
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before any text (e.g. Gemma's `<bos>`; none for SmolLM2):
+    sequences built from pieces must start with them, or such models see text they were
+    never trained on (Gemma-3-270M's caption loss: 12.05 without `<bos>`, 3.91 with)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a").input_ids
+    n = len(full) - len(plain)
+    return list(full[:n]) if n > 0 and list(full[n:n + len(plain)]) == list(plain) else []
+
+
 def expand_image_tokens(ids: list[int], image_token_id: int, num_tokens: int) -> list[int]:
     """Replace the single image placeholder id in `ids` by `num_tokens` copies of it."""
     count = ids.count(image_token_id)

@@ -30,7 +30,13 @@ from vlmalign.data.collate import CAPTION_FORMATS, IGNORE_INDEX, CaptionPrompt
 from vlmalign.models.language import IMAGE_TOKEN, load_llm
 from vlmalign.models.lora import add_lora, is_lora, lora_parameters
 from vlmalign.models.projector import build_projector
-from vlmalign.models.prompts import SENTENCE_MARK, PromptTemplate, SoftPrompt, expand_image_tokens
+from vlmalign.models.prompts import (
+    SENTENCE_MARK,
+    PromptTemplate,
+    SoftPrompt,
+    expand_image_tokens,
+    leading_special_ids,
+)
 from vlmalign.models.vision import build_vision_tower
 
 log = logging.getLogger(__name__)
@@ -355,7 +361,7 @@ class VLM(nn.Module):
         turn); with no prompt this is LLaVA stage-1 captioning."""
         visual = self.visual_tokens(pixel_values, features)
         b = visual.shape[0]
-        prefix = [self.image_token_id] * self.num_visual_tokens
+        prefix = [*leading_special_ids(self.tokenizer), *[self.image_token_id] * self.num_visual_tokens]
         if prompt:
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
             if self.image_token_id in ids:
