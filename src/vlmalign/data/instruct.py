@@ -142,28 +142,30 @@ def _attribute_distractors(answer: str, in_scene: list[str], universe: list[str]
     return tuple(seen + rest)
 
 
-def _colour_qa(scene: Scene, rng: random.Random) -> QA | None:
+def _attribute_qa(scene: Scene, rng: random.Random, attribute: str, questions: tuple[str, str],
+                  answer: str, universe: tuple[str, ...]) -> QA | None:
+    """"What colour / shape is <the object named by its other attributes>?": `questions`
+    and `answer` are templates over `{ref}` and `{value}`."""
     objs = scene.objects
-    named = [(o, ref) for o in objs if (ref := _reference(o, objs, "colour"))]
+    named = [(o, ref) for o in objs if (ref := _reference(o, objs, attribute))]
     if not named:
         return None
     obj, ref = rng.choice(named)
-    question = rng.choice((f"What colour is {ref}?", f"What is the colour of {ref}?"))
-    others = [o.colour for o in objs if o is not obj]
-    return QA("colour", question, obj.colour, f"{_cap(ref)} is {obj.colour}.",
-              _attribute_distractors(obj.colour, others, list(COLOURS), rng))
+    value = getattr(obj, attribute)
+    question = rng.choice(questions).format(ref=ref)
+    others = [getattr(o, attribute) for o in objs if o is not obj]
+    return QA(attribute, question, value, answer.format(ref=_cap(ref), value=value),
+              _attribute_distractors(value, others, list(universe), rng))
+
+
+def _colour_qa(scene: Scene, rng: random.Random) -> QA | None:
+    return _attribute_qa(scene, rng, "colour", ("What colour is {ref}?", "What is the colour of {ref}?"),
+                         "{ref} is {value}.", tuple(COLOURS))
 
 
 def _shape_qa(scene: Scene, rng: random.Random) -> QA | None:
-    objs = scene.objects
-    named = [(o, ref) for o in objs if (ref := _reference(o, objs, "shape"))]
-    if not named:
-        return None
-    obj, ref = rng.choice(named)
-    question = rng.choice((f"What shape is {ref}?", f"What kind of shape is {ref}?"))
-    others = [o.shape for o in objs if o is not obj]
-    return QA("shape", question, obj.shape, f"{_cap(ref)} is a {obj.shape}.",
-              _attribute_distractors(obj.shape, others, list(SHAPES), rng))
+    return _attribute_qa(scene, rng, "shape", ("What shape is {ref}?", "What kind of shape is {ref}?"),
+                         "{ref} is a {value}.", tuple(SHAPES))
 
 
 def _touched(lo: int, hi: int, image_size: int) -> set[int]:
