@@ -12,6 +12,7 @@ import pytest
 
 from vlmalign.data.conversations import ConversationLoadReport, load_conversations
 from vlmalign.data.instruct import (
+    HELDOUT_MCQ_PER_IMAGE,
     INSTRUCT_FILES,
     MCQ_CATEGORIES,
     ask,
@@ -222,12 +223,12 @@ def test_deterministic_and_seed_dependent(tmp_path: Path, examples) -> None:
     counts = write_instruct_files(tmp_path / "a", scenes, seed=0)
     write_instruct_files(tmp_path / "b", scenes, seed=0)
     write_instruct_files(tmp_path / "c", scenes, seed=1)
-    assert counts == {"instruct_train.json": 40, "mcq_train.json": 40, "instruct_test.json": 20, "mcq_test.json": 20}
+    assert counts == {"instruct_train.json": 40, "mcq_train.json": 40, "instruct_test.json": 20, "mcq_test.json": 60}
     for name in counts:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
     # a sample's records depend on (seed, id) only, not on the other samples
-    alone = mcq_records(examples[45].scene, examples[45].id, f"images/{examples[45].id}.png", seed=0)
+    alone = mcq_records(examples[45].scene, examples[45].id, f"images/{examples[45].id}.png", seed=0, per_image=3)
     assert alone == [r for r in json.loads((tmp_path / "a" / "mcq_test.json").read_text())
                      if r["id"].startswith(examples[45].id)]
 
@@ -240,7 +241,10 @@ def test_write_shapes_writes_loadable_instruct_files(shapes_root: Path) -> None:
         assert [c.id for c in convs] == ids and report.total_skipped() == 0 and report.repaired == {}
         assert all(c.image == (shapes_root / "images" / f"{c.id}.png").resolve() for c in convs)
         mcq = json.loads((shapes_root / f"mcq_{split}.json").read_text())
-        assert [r["id"].rsplit("_q", 1)[0] for r in mcq] == ids
+        images = [r["id"].rsplit("_q", 1)[0] for r in mcq]
+        assert list(dict.fromkeys(images)) == ids
+        per_image = {i: images.count(i) for i in ids}
+        assert set(per_image.values()) == ({1} if split == "train" else {HELDOUT_MCQ_PER_IMAGE})
         assert all((shapes_root / r["image"]).is_file() for r in mcq)
 
 

@@ -191,7 +191,7 @@ def test_accuracy_ties_and_categories():
 
 def test_features_once_per_distinct_image(tiny_model, shapes_root, monkeypatch):
     m = tiny_model
-    base = load_mcq_json(shapes_root / "mcq_test.json")[:3]
+    base = list({it.image: it for it in load_mcq_json(shapes_root / "mcq_test.json")}.values())[:3]
     items = base + [MCQItem(id=f"{it.id}-again", question="Again?", choices=it.choices, answer=it.answer,
                             image=it.image) for it in base]
     rows = []

@@ -284,24 +284,32 @@ def mcq_records(scene: Scene, sample_id: str, image: str, seed: int, per_image: 
     return out
 
 
+# Held-out images get several questions of distinct categories (more evaluation items for
+# the same images; their first question is the one a single-question file would hold).
+HELDOUT_MCQ_PER_IMAGE = 3
+
 INSTRUCT_FILES: tuple[str, ...] = tuple(
     f"{kind}_{split}.json" for kind in ("instruct", "mcq") for split in ("train", "val", "test")
 )
 
 
 def write_instruct_files(
-    out_dir: str | Path, scenes: dict[str, list[tuple[str, Scene]]], seed: int, mcq_per_image: int = 1
+    out_dir: str | Path, scenes: dict[str, list[tuple[str, Scene]]], seed: int,
+    mcq_per_image: int = 1, heldout_mcq_per_image: int = HELDOUT_MCQ_PER_IMAGE,
 ) -> dict[str, int]:
     """Write `instruct_{split}.json` (conversations) and `mcq_{split}.json` for each split.
 
     `scenes` maps a split to its `(sample id, scene)` pairs; images are referenced as
-    `images/{id}.png` relative to `out_dir`. Returns the record count per file name.
+    `images/{id}.png` relative to `out_dir`. The train split gets `mcq_per_image`
+    multiple-choice records per image, other splits `heldout_mcq_per_image`. Returns the
+    record count per file name.
     """
     out = Path(out_dir)
     counts: dict[str, int] = {}
     for split, items in scenes.items():
         convs = [conversation_record(scene, sid, f"images/{sid}.png", seed) for sid, scene in items]
-        mcqs = [r for sid, scene in items for r in mcq_records(scene, sid, f"images/{sid}.png", seed, mcq_per_image)]
+        per_image = mcq_per_image if split == "train" else heldout_mcq_per_image
+        mcqs = [r for sid, scene in items for r in mcq_records(scene, sid, f"images/{sid}.png", seed, per_image)]
         for name, records in ((f"instruct_{split}.json", convs), (f"mcq_{split}.json", mcqs)):
             (out / name).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             counts[name] = len(records)

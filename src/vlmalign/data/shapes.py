@@ -680,6 +680,8 @@ def write_shapes(
             )
         sugarcrepe_counts[folder] = counts
     _write_instruct(out, examples, splits, seed)
+    from .instruct import HELDOUT_MCQ_PER_IMAGE
+
     benchmarks = _write_benchmarks(out, examples, splits, seed, image_size)
     objects_per_scene = {str(k): 0 for k in (1, 2, 3)}
     for ex in examples:
@@ -693,6 +695,7 @@ def write_shapes(
         "test_fraction": test_fraction,
         "counts": {"train": n_train, "val": n_val, "test": n_test},
         "objects_per_scene": objects_per_scene,
+        "heldout_mcq_per_image": HELDOUT_MCQ_PER_IMAGE,
         "sugarcrepe": sugarcrepe_counts,
         **benchmarks,
         "vocabulary": {
@@ -770,10 +773,11 @@ def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: floa
         wanted = {"n": n, "seed": seed, "image_size": image_size,
                   "val_fraction": val_fraction, "test_fraction": test_fraction}
         if all(meta.get(k) == v for k, v in wanted.items()):
-            from .instruct import INSTRUCT_FILES
+            from .instruct import HELDOUT_MCQ_PER_IMAGE, INSTRUCT_FILES
 
             out = Path(out_dir)
-            need_instruct = not all((out / name).is_file() for name in INSTRUCT_FILES)
+            need_instruct = (not all((out / name).is_file() for name in INSTRUCT_FILES)
+                             or meta.get("heldout_mcq_per_image") != HELDOUT_MCQ_PER_IMAGE)
             need_benchmarks = not (out / KARPATHY_FILE).is_file() or not (out / ZEROSHOT_DIR).is_dir()
             if need_instruct or need_benchmarks:
                 # written before these files existed: add them, leave the rest alone
@@ -781,6 +785,8 @@ def ensure_shapes(out_dir: str | Path, n: int, seed: int = 0, val_fraction: floa
                 splits = _split_indices(n, seed, val_fraction, test_fraction)
                 if need_instruct:
                     _write_instruct(out, examples, splits, seed)
+                    meta["heldout_mcq_per_image"] = HELDOUT_MCQ_PER_IMAGE
+                    meta_path.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
                 if need_benchmarks:
                     _write_benchmarks(out, examples, splits, seed, image_size)
             return meta

@@ -37,11 +37,11 @@ console = Console()
 
 ALIGNMENTS = ("align", "align-cg")
 FRACTIONS = (0.1, 0.25, 1.0)
-# Sized for a 2-core CPU (about 14 minutes a seed with SmolLM2-135M + EfficientNet-Lite0
-# on an idle machine): 500 scenes -> 400 training images (400 QA + 400 multiple-choice
-# conversations: 50 / 13 / 5 instruct steps at fractions 1 / 0.25 / 0.1), 100 held-out
-# questions (val + test images); 1 instruction epoch at batch 16.
-FULL = {"scenes": 500, "align_steps": 30, "batch": 16, "epochs": 1.0, "eval_items": 100, "seeds": (0, 1)}
+# Sized so that the default run (2 seeds) takes under 30 minutes on an idle 2-core CPU
+# with SmolLM2-135M + EfficientNet-Lite0: 200 scenes -> 160 training images (160 QA +
+# 160 multiple-choice conversations: 20 / 5 / 2 instruct steps at fractions 1 / 0.25 /
+# 0.1, one epoch at batch 16), 40 held-out images x 3 questions = 120 evaluation items.
+FULL = {"scenes": 200, "align_steps": 30, "batch": 16, "epochs": 1.0, "eval_items": 120, "seeds": (0, 1)}
 QUICK = {"scenes": 200, "align_steps": 8, "batch": 8, "epochs": 1.0, "eval_items": 40, "seeds": (0,)}
 
 
