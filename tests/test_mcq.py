@@ -62,7 +62,8 @@ def test_parse_answer_a_circle_is_the_option_text():
 
 
 def _items(root):
-    items = load_mcq_json(root / "mcq_test.json")[:3]
+    items = load_mcq_json(root / "mcq_test.json")
+    items = [items[0], items[1], items[3]]  # two questions about one image, one about another
     text_only = mcq.MCQItem(id="t", question="Is the sky blue?", choices=["yes", "no", "maybe"], answer=0,
                             hint="Think about a clear day.")
     return items[:2] + [text_only] + items[2:]
@@ -164,11 +165,11 @@ def test_generation_parsing_end_to_end_with_stub(tiny_model, monkeypatch):
     replies = {"0": "The answer is A", "1": "(B) green", "2": "blue", "3": "I cannot see it",
                "4": "C", "5": "red or blue"}
 
-    def fake_generate(model, its, features, max_new_tokens, batch_size, chat_template, system_prompt):
-        assert set(features) == {"/img/0.png", "/img/1.png"} and max_new_tokens == 8
-        return [replies[it.id] for it in its]
+    def fake_generate(model, pp, max_new_tokens):
+        assert max_new_tokens == 8
+        return [next(replies[k] for k in replies if f"Q{k}?" in prompt) for prompt in pp.prompts]
 
-    monkeypatch.setattr(mcq, "generate_answers", fake_generate)
+    monkeypatch.setattr(mcq, "_batch_generate", fake_generate)
     feats = {"/img/0.png": feat, "/img/1.png": feat}
     metrics = mcq.evaluate_mcq(m, items, features=feats)
     # right: 0, 1, 2 (colour); wrong: 3 (unparsed), 4 (C for B), 5 (ambiguous, unparsed)
@@ -187,6 +188,24 @@ def test_accuracy_ties_and_categories():
     assert acc == {"mcq_lik_acc": 50.0, "mcq_lik_acc_natural_science": 50.0, "mcq_lik_acc_social_science": 50.0}
     assert mcq._argmax_no_tie(torch.tensor([0.5, 0.5, 0.1])) is None
     assert mcq._argmax_no_tie(torch.tensor([0.1, 0.5, 0.2])) == 1
+
+
+def test_one_prompt_pass_gives_the_scores_and_answers_of_two(tiny_model, shapes_root, monkeypatch):
+    m = tiny_model
+    items = _items(shapes_root)
+    feats = mcq.mcq_image_features(m, items)
+    passes = []
+    real = mcq._PromptPass
+    monkeypatch.setattr(mcq, "_PromptPass", lambda *a: passes.append(1) or real(*a))
+    for continuation in ("letter", "text"):
+        passes.clear()
+        scores, texts = mcq.scores_and_answers(m, items, feats, continuation, max_new_tokens=5, batch_size=3)
+        shared = len(passes)
+        ref_scores = mcq.choice_scores(m, items, feats, continuation, batch_size=3)
+        ref_texts = mcq.generate_answers(m, items, feats, max_new_tokens=5, batch_size=3)
+        assert len(passes) == 3 * shared  # one pass per batch instead of two
+        assert texts == ref_texts
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(scores, ref_scores, strict=True))
 
 
 def test_features_once_per_distinct_image(tiny_model, shapes_root, monkeypatch):

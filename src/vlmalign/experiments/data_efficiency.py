@@ -38,10 +38,10 @@ console = Console()
 ALIGNMENTS = ("align", "align-cg")
 FRACTIONS = (0.1, 0.25, 1.0)
 # Sized so that the default run (2 seeds) takes under 30 minutes on an idle 2-core CPU
-# with SmolLM2-135M + EfficientNet-Lite0: 200 scenes -> 160 training images (160 QA +
-# 160 multiple-choice conversations: 20 / 5 / 2 instruct steps at fractions 1 / 0.25 /
-# 0.1, one epoch at batch 16), 40 held-out images x 3 questions = 120 evaluation items.
-FULL = {"scenes": 200, "align_steps": 30, "batch": 16, "epochs": 1.0, "eval_items": 120, "seeds": (0, 1)}
+# with SmolLM2-135M + EfficientNet-Lite0: 160 scenes -> 128 training images (128 QA +
+# 128 multiple-choice conversations: 16 / 4 / 2 instruct steps at fractions 1 / 0.25 /
+# 0.1, one epoch at batch 16), 32 held-out images x 3 questions = 96 evaluation items.
+FULL = {"scenes": 160, "align_steps": 30, "batch": 16, "epochs": 1.0, "eval_items": 96, "seeds": (0, 1)}
 QUICK = {"scenes": 200, "align_steps": 8, "batch": 8, "epochs": 1.0, "eval_items": 40, "seeds": (0,)}
 
 
