@@ -7,10 +7,13 @@ from vlmalign.cli import main
 
 def test_data_efficiency_runs_and_writes_results(tmp_path):
     out = tmp_path / "de"
-    rc = main(["experiment", "--quick", "--out", str(out), "data-efficiency", "llm.name=tiny", "vision.tower=tiny",
-               "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60", "train.batch_size=16"])
+    rc = main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--align-steps", "3", "--eval-items", "10",
+               "data-efficiency", "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
+               "train.batch_size=16"])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
+    assert summary["settings"]["scenes"] == 60 and summary["settings"]["align_steps"] == 3
+    assert json.loads((out / "shapes" / "meta.json").read_text())["n"] == 60
     res = summary["results"]["0"]
     assert set(res) == {"align", "align-cg"}
     for runs in res.values():
@@ -18,7 +21,7 @@ def test_data_efficiency_runs_and_writes_results(tmp_path):
         assert runs["1.0"]["records"] > runs["0.25"]["records"] > runs["0.1"]["records"] >= 1
         assert runs["1.0"]["steps"] >= runs["0.1"]["steps"]
         for m in runs.values():
-            assert 0.0 <= m["mcq_lik_acc"] <= 100.0 and m["mcq_items"] > 0
+            assert 0.0 <= m["mcq_lik_acc"] <= 100.0 and m["mcq_items"] == 10
     assert (out / "mcq_vs_fraction.png").stat().st_size > 10_000
 
 

@@ -232,8 +232,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name == "data-efficiency":
         from vlmalign.experiments.data_efficiency import run_data_efficiency
 
+        sizes = {"scenes": args.scenes, "align_steps": args.align_steps, "epochs": args.epochs,
+                 "eval_items": args.eval_items}
         run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick,
-                            seeds=tuple(args.seeds) if args.seeds else None, extra=args.overrides)
+                            seeds=tuple(args.seeds) if args.seeds else None, extra=args.overrides, sizes=sizes)
         return 0
     if args.name == "vladva":
         from vlmalign.experiments.vladva import run_vladva
@@ -382,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
     x.add_argument("--out", default=None)
     x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")
+    x.add_argument("--scenes", type=int, help="data-efficiency: shapes scenes (default 160; 80%% train)")
+    x.add_argument("--align-steps", type=int, help="data-efficiency: alignment steps (default 30)")
+    x.add_argument("--epochs", type=float, help="data-efficiency: instruction-tuning epochs (default 1)")
+    x.add_argument("--eval-items", type=int, help="data-efficiency: held-out questions (default 96)")
     x.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     x.set_defaults(fn=_cmd_experiment)
 

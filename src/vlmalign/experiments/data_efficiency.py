@@ -165,12 +165,17 @@ def plot(results: dict[int, dict], path: Path, chance: float) -> Path:
 
 
 def run_data_efficiency(out: str | Path = "runs/data-efficiency", quick: bool = False, seeds: tuple[int, ...] | None = None,
-                        llm: str = "smollm2-135m", tower: str = "efficientnet-lite0", extra: list[str] | None = None) -> dict:
-    """Run the experiment; writes `results.json` and `mcq_vs_fraction.png` under `out`."""
+                        llm: str = "smollm2-135m", tower: str = "efficientnet-lite0", extra: list[str] | None = None,
+                        sizes: dict | None = None) -> dict:
+    """Run the experiment; writes `results.json` and `mcq_vs_fraction.png` under `out`.
+    `sizes` replaces entries of the default sizes (`FULL`, or `QUICK` with `quick`):
+    scenes, align_steps, batch, epochs, eval_items; None values are ignored."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = QUICK if quick else FULL
+    settings = (QUICK if quick else FULL) | {k: v for k, v in (sizes or {}).items() if v is not None}
+    if unknown := set(settings) - set(FULL):
+        raise ValueError(f"unknown experiment sizes {sorted(unknown)}; known: {', '.join(FULL)}")
     seeds = tuple(seeds) if seeds else settings["seeds"]
     console.print(f"[bold]data-efficiency[/] ({'quick' if quick else 'full'}): {', '.join(ALIGNMENTS)} then instruct "
                   f"at fractions {', '.join(f'{f:g}' for f in FRACTIONS)}; seeds {', '.join(map(str, seeds))}")
