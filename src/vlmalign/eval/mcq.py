@@ -323,6 +323,31 @@ def _check_features(items: Sequence[MCQItem], features: dict[str, Tensor]) -> No
 # ---------------------------------------------------------------- likelihood
 
 
+def _over_batches(model: VLM, items: Sequence[MCQItem], features: dict[str, Tensor] | None, batch_size: int,
+                  chat_template: bool, system_prompt: str | None, label: str, work) -> list:
+    """`work(prompt_pass, batch)` on each batch of `items` (one prompt pass per batch),
+    in eval mode (the model's mode is restored after); the per-item results in order."""
+    if features is None:
+        features = mcq_image_features(model, items)
+    _check_features(items, features)
+    out: list = []
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(items), batch_size)
+    for start in track(starts, label, total=len(starts)):
+        batch = list(items[start : start + batch_size])
+        out += work(_PromptPass(model, batch, features, chat_template, system_prompt), batch)
+    model.train(was_training)
+    return out
+
+
+def _check_continuation(continuation: str) -> None:
+    if continuation not in CONTINUATIONS:
+        raise ValueError(f"unknown continuation {continuation!r}; known: {', '.join(CONTINUATIONS)}")
+
+
+
+
 @torch.no_grad()
 def choice_scores(
     model: VLM,
@@ -343,20 +368,9 @@ def choice_scores(
     `features` maps `str(item.image)` to tower features [P, Dv] (`mcq_image_features`;
     computed here when None).
     """
-    if continuation not in CONTINUATIONS:
-        raise ValueError(f"unknown continuation {continuation!r}; known: {', '.join(CONTINUATIONS)}")
-    if features is None:
-        features = mcq_image_features(model, items)
-    _check_features(items, features)
-    out: list[Tensor] = []
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(items), batch_size)
-    for start in track(starts, "MCQ: option likelihoods", total=len(starts)):
-        batch = list(items[start : start + batch_size])
-        out += _batch_scores(model, _PromptPass(model, batch, features, chat_template, system_prompt), batch, continuation)
-    model.train(was_training)
-    return out
+    _check_continuation(continuation)
+    return _over_batches(model, items, features, batch_size, chat_template, system_prompt, "MCQ: option likelihoods",
+                         lambda pp, batch: _batch_scores(model, pp, batch, continuation))
 
 
 def _argmax_no_tie(scores: Tensor) -> int | None:
@@ -397,18 +411,8 @@ def generate_answers(
     lengths, right-padded) run once, then one token per step for the whole batch with
     explicit positions and the padding masked, each row stopping at the end-of-sequence
     token. Text-only items are supported (no visual tokens)."""
-    if features is None:
-        features = mcq_image_features(model, items)
-    _check_features(items, features)
-    texts: list[str] = []
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(items), batch_size)
-    for start in track(starts, "MCQ: generation", total=len(starts)):
-        batch = list(items[start : start + batch_size])
-        texts += _batch_generate(model, _PromptPass(model, batch, features, chat_template, system_prompt), max_new_tokens)
-    model.train(was_training)
-    return texts
+    return _over_batches(model, items, features, batch_size, chat_template, system_prompt, "MCQ: generation",
+                         lambda pp, batch: _batch_generate(model, pp, max_new_tokens))
 
 
 def answer_by_generation(
@@ -440,21 +444,15 @@ def scores_and_answers(
     """`choice_scores` and `generate_answers` of `items` from one prompt pass per batch
     (the prompt's keys/values serve the options' continuations, then greedy decoding):
     the same results as the two calls, at about half the cost."""
-    if continuation not in CONTINUATIONS:
-        raise ValueError(f"unknown continuation {continuation!r}; known: {', '.join(CONTINUATIONS)}")
-    _check_features(items, features)
-    scores: list[Tensor] = []
-    texts: list[str] = []
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(items), batch_size)
-    for start in track(starts, "MCQ: likelihoods + generation", total=len(starts)):
-        batch = list(items[start : start + batch_size])
-        pp = _PromptPass(model, batch, features, chat_template, system_prompt)
-        scores += _batch_scores(model, pp, batch, continuation)  # reads the cache
-        texts += _batch_generate(model, pp, max_new_tokens)  # then extends it
-    model.train(was_training)
-    return scores, texts
+    _check_continuation(continuation)
+
+    def both(pp: _PromptPass, batch: list[MCQItem]) -> list[tuple[Tensor, str]]:
+        scores = _batch_scores(model, pp, batch, continuation)  # reads the prompt cache
+        return list(zip(scores, _batch_generate(model, pp, max_new_tokens), strict=True))  # then extends it
+
+    pairs = _over_batches(model, items, features, batch_size, chat_template, system_prompt,
+                          "MCQ: likelihoods + generation", both)
+    return [sc for sc, _ in pairs], [t for _, t in pairs]
 
 
 # ---------------------------------------------------------------- metrics
