@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from vlmalign.losses import (
     clip_loss,
     gather_with_grad,
+    linear_cross_entropy,
     next_token_loss,
     patch_token_contrastive_loss,
     patch_token_similarity,
@@ -290,6 +291,47 @@ def test_next_token_loss_gradcheck():
         lambda h, w: next_token_loss(h, labels, w, logit_softcap=2.0)["ntp_loss"],
         (hidden, weight),
     )
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_linear_cross_entropy_equals_plain_cross_entropy_in_chunks(softcap, use_bias):
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(11, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 6, generator=gen, requires_grad=True)
+    bias = torch.randn(13, generator=gen, requires_grad=True) if use_bias else None
+    y = torch.randint(0, 13, (11,), generator=gen)
+    logits = F.linear(h * 3, weight, bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = F.cross_entropy(logits, y, reduction="sum")
+    leaves = [h, weight] + ([bias] if use_bias else [])
+    ref_grads = torch.autograd.grad(2.5 * ref, leaves)
+    for chunk_elements in (13 * 4, 13 * 100):  # 3 chunks of <= 4 rows; one chunk
+        out = linear_cross_entropy(h * 3, weight, bias, y, softcap, chunk_elements=chunk_elements)
+        grads = torch.autograd.grad(2.5 * out, leaves)
+        assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert linear_cross_entropy(h, weight, bias, y, softcap).item() == pytest.approx(
+            F.cross_entropy(F.linear(h, weight, bias) if softcap is None else
+                            softcap * torch.tanh(F.linear(h, weight, bias) / softcap), y, reduction="sum").item(), rel=1e-6)
+
+
+def test_linear_cross_entropy_keeps_no_vocabulary_sized_tensor_for_backward():
+    h = torch.randn(40, 8, requires_grad=True)
+    weight = torch.randn(5000, 8)  # frozen head, as in alignment
+    y = torch.randint(0, 5000, (40,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        plain = F.cross_entropy(F.linear(h, weight), y, reduction="sum")
+    assert any(5000 in s for s in saved)  # the plain way keeps [N, V] tensors
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        fused = linear_cross_entropy(h, weight, None, y)
+    assert saved and not any(5000 in s for s in saved)  # only dL/dh [N, D]
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_next_token_loss_rejects_shifted_labels():

@@ -59,6 +59,82 @@ def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
         )
 
 
+# Rows of [rows, V] logits handled at once by `linear_cross_entropy` (about 64 MB of fp32
+# logits for a 49k vocabulary); the peak adds a few such blocks, whatever the row count.
+_CE_CHUNK_ELEMENTS = 1 << 24
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(softcap(h_i W^T + b), y_i) whose gradients are computed in the forward,
+    chunk by chunk, so no [N, V] tensor outlives the call (the idea of Liger-Kernel's
+    fused linear cross-entropy). Saved for backward: dL/dh [N, D] and, when they train,
+    dL/dW [V, D] and dL/db [V]; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
+                chunk: int) -> Tensor:
+        grads = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.zeros_like(h) if grads[0] else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if grads[1] else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if grads[2] else None
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start : start + chunk], targets[start : start + chunk]  # [C, D], [C]
+            logits = F.linear(hc, weight, bias).to(acc)  # [C, V], softmax in fp32 as HF does
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = softcap * capped
+            lse = torch.logsumexp(logits, dim=-1)  # [C]
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if not any(grads):
+                continue
+            g = (logits - lse[:, None]).exp_()  # softmax [C, V]
+            g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # dL/dz
+            if softcap is not None:
+                g *= 1.0 - capped.square()  # dz/dlogits of z = cap * tanh(logits / cap)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)  # [C, D]
+            if grad_w is not None:
+                grad_w += g.t() @ hc.to(acc)  # [V, D]
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.grads, ctx.dtypes = grads, (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.grads
+        return (
+            grad_out.to(grad_h.dtype) * grad_h if need_h else None,
+            (grad_out * grad_w).to(ctx.dtypes[0]) if need_w else None,
+            (grad_out * grad_b).to(ctx.dtypes[1]) if need_b else None,
+            None, None, None,
+        )
+
+
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, logit_softcap: float | None = None,
+    chunk_elements: int = _CE_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Summed cross-entropy of the logits `h @ weight^T + bias` (optionally soft-capped)
+    against `targets`, without keeping [N, V] logits for backward: equal to
+    `F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum")`, with
+    the same gradients, at the memory of one chunk of rows. h [N, D], weight [V, D],
+    bias [V] or None, targets [N] (valid class ids). Returns a scalar in float32 (float64
+    for float64 inputs)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        chunk = max(1, chunk_elements // weight.shape[0])
+        return _LinearCrossEntropy.apply(h, weight, bias, targets, logit_softcap, chunk)
+    logits = F.linear(h, weight, bias)  # no graph to keep: the plain way
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
 def next_token_loss(
     hidden: Tensor,
     labels: Tensor,
@@ -76,7 +152,8 @@ def next_token_loss(
     ``labels`` [B, T] are aligned with the inputs and this function shifts them, so
     ``hidden[:, t]`` predicts ``labels[:, t + 1]``. Equal to HF's full-vocabulary loss, but
     the [N, V] logits are computed for the N label positions only (the head dominates the
-    cost of small LLMs with large vocabularies).
+    cost of small LLMs with large vocabularies), chunk by chunk, and not kept for backward
+    (`linear_cross_entropy`).
 
     hidden [B, T, D] final hidden states; head_weight [V, D]; head_bias [V] or None.
     Returns {"ntp_loss": scalar, "ntp_tokens": long scalar N}. With N == 0 the loss is an
@@ -96,15 +173,10 @@ def next_token_loss(
     keep = shift_labels != ignore_index  # [B, T-1]
     h = hidden[:, :-1][keep]  # [N, D]
     targets = shift_labels[keep]  # [N]
-    logits = F.linear(h, head_weight, head_bias)  # [N, V]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # softmax over a large vocabulary in fp32, as HF does
-    if logit_softcap is not None:
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
     n_tokens = keep.sum()
     # Sum / max(N, 1): exact mean when N > 0, and an exact, graph-connected 0 when N == 0
     # (a mean over zero rows would be NaN). Avoids a device sync on N.
-    loss = F.cross_entropy(logits, targets, reduction="sum") / n_tokens.clamp(min=1)
+    loss = linear_cross_entropy(h, head_weight, head_bias, targets, logit_softcap) / n_tokens.clamp(min=1)
     return {"ntp_loss": loss, "ntp_tokens": n_tokens}
 
 
