@@ -76,6 +76,7 @@ from vlmalign.config import Config, load_config
 from vlmalign.data.collate import IGNORE_INDEX, CaptionCollator
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.sampler import LengthGroupedBatchSampler
+from vlmalign.models import memory
 from vlmalign.models.prompts import PromptTemplate, SoftPrompt
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
@@ -107,6 +108,7 @@ class Settings:
     prefix_kv: bool = True  # cached keys/values of the constant prompt prefix (frozen LLM)
     text_cache: bool = True  # cached prompted text states (frozen text path)
     group_by_length: bool = True  # length-grouped batches (less padding)
+    lean_mlp: bool = True  # gated MLPs keep gate and up only, act recomputed (models/memory.py)
 
 
 OPTIMISED = Settings()
@@ -184,6 +186,7 @@ def bench_loss(model: VLM, objective: Objective, batch: dict, s: Settings) -> tu
     """(total loss, parts) of one batch under settings `s`. With the LM head at labels and
     the prefix cache on this is the training objective itself (`Objective`), told by the
     batch which caches to use; otherwise a reference step written here, same losses."""
+    memory.set_lean(model.llm, s.lean_mlp)
     b = dict(batch)
     if not s.shared_pass:
         b.pop("prompt_state_at", None)
@@ -541,6 +544,7 @@ def measure_mode(setup: RecipeSetup, mode: str, steps: int, warmup: int, peak_gf
                 times.append(dt)
     finally:
         torch.set_num_threads(old_threads)
+        memory.set_lean(model.llm, True)
     peak, step_mem = probe.stop()
     timed = batches[warmup:]
     sec = statistics.median(times)

@@ -65,6 +65,9 @@ class LLMConfig:
     # Recompute activations in the backward pass (less memory, ~30% more compute) when
     # the LLM trains; transformers' gradient_checkpointing_enable.
     gradient_checkpointing: bool = False
+    # Gated MLPs keep 2 of their 3 activations for backward and recompute act(gate)
+    # (models/memory.py): a third less MLP activation memory, same results.
+    lean_mlp: bool = True
 
 
 @dataclass

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from vlmalign.config import LLMConfig
+from vlmalign.models.memory import lean_gated_mlps
 from vlmalign.models.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -340,5 +341,7 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if cfg.frozen:
         model.requires_grad_(False)
         log.info("froze the LLM (%s)", cfg.name)
+    if cfg.lean_mlp:
+        lean_gated_mlps(model)
     model.eval()
     return model, tok
