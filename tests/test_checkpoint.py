@@ -246,3 +246,16 @@ def test_code_shipped_with_an_llm_never_runs_without_the_flag(tmp_path, model_ty
         with pytest.raises(ValueError, match="llm.trust_remote_code=true"):
             load_llm(LLMConfig(name=str(folder)))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+def test_objective_loads_a_zero_dim_temperature_from_an_older_checkpoint(contrastive):
+    from vlmalign.config import ObjectiveConfig
+
+    objective = Objective(ObjectiveConfig(contrastive=contrastive))
+    assert objective.log_logit_scale.shape == (1,)  # FSDP2 shards no 0-dim parameter
+    old = {k: v.detach().reshape(()) + 0.25 for k, v in objective.state_dict().items()}
+    objective.load_state_dict(old)
+    for k, v in objective.state_dict().items():
+        assert v.shape == (1,) and v.item() == pytest.approx(old[k].item())
+    assert objective.logit_scale().dim() == 0

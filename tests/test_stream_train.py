@@ -42,6 +42,6 @@ def test_stream_resume_matches_an_uninterrupted_run(tiny_cfg, shards, tmp_path):
         assert torch.equal(resumed[k], v), k
 
 
-def test_streaming_rejects_conversation_recipes(tiny_cfg, shards):
-    with pytest.raises(ValueError, match="streams caption pairs"):
+def test_streaming_rejects_shards_of_another_kind(tiny_cfg, shards):
+    with pytest.raises(ValueError, match="holds captions"):
         train(tiny_cfg("instruct", f"data.shards={shards}", "train.max_steps=1"))

@@ -136,7 +136,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from vlmalign.data.shards import shard_command
 
     shard_command(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                  split=args.split, caption_field=args.caption_field)
+                  split=args.split, caption_field=args.caption_field, kind=args.kind, image_root=args.image_root,
+                  allow_outside_root=args.allow_outside_root)
     return 0
 
 
@@ -287,13 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1280)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_data)
-    sh = dsub.add_parser("shard", help="write webdataset tar shards from a captions JSONL or a shapes-layout folder")
-    sh.add_argument("--from", dest="source", required=True, help="a captions JSONL or a folder in the shapes layout")
+    sh = dsub.add_parser("shard", help="write webdataset tar shards from captions, conversations or a shapes folder")
+    sh.add_argument("--from", dest="source", required=True,
+                    help="a captions .jsonl, a LLaVA conversation .json/.jsonl, or a shapes-layout folder")
     sh.add_argument("--out", required=True)
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     sh.add_argument("--prefix", default="shard")
     sh.add_argument("--split", default="train", help="which split of a shapes-layout folder")
     sh.add_argument("--caption-field", default="caption")
+    sh.add_argument("--kind", choices=["auto", "captions", "conversations"], default="auto",
+                    help="what --from holds; auto: a .json (or a .jsonl whose records have 'conversations') is conversations")
+    sh.add_argument("--image-root", default=None, help="folder relative image paths resolve against (default: the file's folder)")
+    sh.add_argument("--allow-outside-root", action="store_true", help="accept image paths that leave --image-root")
     sh.set_defaults(fn=_cmd_shard)
     c = dsub.add_parser("check", help="show how conversations are tokenised and which tokens train; fail on bad samples")
     c.add_argument("config", help="recipe id (instruct) or a YAML file")

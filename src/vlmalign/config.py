@@ -148,8 +148,9 @@ class DataConfig:
     # Evaluate on at most this many pairs (0: all).
     eval_max_samples: int = 0
     # Stream training pairs from webdataset tar shards (`vlmalign data shard`): an
-    # index.json, its folder, or a brace pattern. Caption recipes; features and text
-    # states are then computed each step instead of cached.
+    # index.json, its folder, or a brace pattern. Any recipe: conversation shards for
+    # instruct, caption shards for the others; features and text states are then
+    # computed each step instead of cached.
     shards: str = ""
     # Multiple-choice questions (ScienceQA style) for the instruct recipe's evaluation;
     # "" means the shapes layout's mcq_test.json.

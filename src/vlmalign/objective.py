@@ -54,6 +54,14 @@ def rank_token_weight(n_local: Tensor) -> Tensor:
     return dist.get_world_size() * n_local.float() / n_global.clamp(min=1).float()
 
 
+def _vector_scalars(state_dict: dict, prefix: str, *args) -> None:
+    """Load hook: a 0-dim temperature or bias from an older checkpoint becomes [1]."""
+    for name in ("log_logit_scale", "logit_bias"):
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+
+
 class Objective(nn.Module):
     """Weighted sum of the recipe's losses: ntp_weight * next-token + patch_weight *
     patch-token contrastive + contrastive_weight * (CLIP or SigLIP on prompted embeddings).
@@ -71,11 +79,14 @@ class Objective(nn.Module):
             )
         self.cfg = cfg
         self.gather = gather
+        # One-element vectors, not 0-dim scalars: FSDP2's fully_shard refuses scalar
+        # parameters. Checkpoints from before hold [] tensors (reshaped on load).
         if cfg.contrastive == "clip":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.init_logit_scale)))
+            self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.init_logit_scale)]))
         elif cfg.contrastive == "siglip":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.siglip_init_logit_scale)))
-            self.logit_bias = nn.Parameter(torch.tensor(cfg.siglip_init_bias))
+            self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.siglip_init_logit_scale)]))
+            self.logit_bias = nn.Parameter(torch.tensor([cfg.siglip_init_bias]))
+        self._register_load_state_dict_pre_hook(_vector_scalars)
 
     @property
     def uses_embeddings(self) -> bool:
@@ -87,7 +98,7 @@ class Objective(nn.Module):
 
     def logit_scale(self) -> Tensor:
         """exp(log scale), clamped at max_logit_scale (CLIP clamps at 100)."""
-        return self.log_logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return self.log_logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
 
     @property
     def contrastive_active(self) -> bool:
@@ -194,7 +205,8 @@ class Objective(nn.Module):
                 parts |= losses.clip_loss(image_emb, text_emb, scale, gather=self.gather)
                 total = total + c.contrastive_weight * parts["clip_loss"]
             else:
-                parts |= losses.siglip_loss(image_emb, text_emb, scale, self.logit_bias, gather=self.gather)
+                parts |= losses.siglip_loss(image_emb, text_emb, scale, self.logit_bias.squeeze(0),
+                                            gather=self.gather)
                 total = total + c.contrastive_weight * parts["siglip_loss"]
             parts["logit_scale"] = scale.detach()
         return total, parts

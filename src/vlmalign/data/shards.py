@@ -1,12 +1,23 @@
-"""Streaming data: webdataset tar shards, written from any caption format and read back
-split across ranks and DataLoader workers with no sample seen twice in an epoch.
+"""Streaming data: webdataset tar shards, written from caption or LLaVA conversation
+data and read back split across ranks and DataLoader workers with no sample seen twice in
+an epoch.
 
 Layout written by `write_shards` (webdataset convention: one sample = the tar members
 sharing a key):
 
     out/shard-000000.tar   000000000.jpg 000000000.txt 000000000.json 000000001.jpg ...
     out/shard-000001.tar
-    out/index.json         {"format", "shards": [{"name", "count"}], "total", "skipped"}
+    out/index.json         {"format", "kind", "shards": [{"name", "count"}], "total", "skipped"}
+
+Two kinds of content (`index.json` "kind"; an index without one holds captions):
+
+- "captions": `KEY.jpg`, `KEY.txt` (the caption), `KEY.json` {"id", "caption",
+  "short_caption", "long_caption", "meta"} (the empty ones left out; "meta": the source
+  record's other keys, so a `data.short_field` / `data.long_field` naming one of them
+  still works). Serves the `captions` and `short_long` training kinds.
+- "conversations": `KEY.jpg` + `KEY.json` {"id", "conversations": [{"from": "human"|"gpt",
+  "value"}], "meta"}: the turns as `load_conversations` parsed them (stripped, `<image>`
+  in the first human turn). Text-only conversations are not written (counted `no_image`).
 
 Keys are the sample's position in the whole set (`%09d`), so they are unique and free of
 the dots and slashes webdataset would split on; the dataset's own id is in the JSON.
@@ -29,10 +40,10 @@ world size, so every process computes the same plan without talking to the other
    the worker count. Every worker reads the rank's tar bytes but decodes only its own
    samples (decoding is the expensive part).
 
-A corrupt sample (undecodable image, bad JSON, no image or caption member) is skipped and
-counted in `ShardStream.report` (in the process that read it; with workers the skips are
-logged as warnings), never a crash; a truncated shard loses the samples after the damage,
-counted under `corrupt_shard`.
+A corrupt sample (undecodable image, bad JSON, no image or caption member, conversation
+turns of the wrong shape) is skipped and counted in `ShardStream.report` (in the process
+that read it; with workers the skips are logged as warnings), never a crash; a truncated
+shard loses the samples after the damage, counted under `corrupt_shard`.
 """
 
 from __future__ import annotations
@@ -54,6 +65,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from vlmalign.models.language import IMAGE_TOKEN
+
+from .conversations import Conversation, _parse_turns, load_conversations
 from .formats import load_captions_jsonl
 from .images import MIN_IMAGE_SIDE, BadImageError, _to_rgb, load_image
 from .sample import LoadReport, Sample
@@ -70,22 +84,26 @@ JPEG_QUALITY = 95
 SHUFFLE_BUFFER = 1000
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_FIELDS = ("id", "caption", "short_caption", "long_caption")
+# What a shard set holds (index.json "kind"); "captions" serves both caption training kinds.
+SHARD_KINDS = ("captions", "conversations")
+_ROLE_NAMES = {"user": "human", "assistant": "gpt"}  # stored in LLaVA's own role names
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 # ------------------------------------------------------------------------------ writing
-def _image_bytes(sample: Sample, where: str, report: LoadReport, quality: int) -> bytes | None:
-    """The JPEG bytes to store for `sample`, or None (skip counted) when the image is bad.
+def _image_bytes(image: Path, where: str, report: LoadReport, quality: int) -> bytes | None:
+    """The JPEG bytes to store for the image file `image`, or None (skip counted) when it
+    is bad.
 
     The image is always decoded once (the check); a file that already is a JPEG is stored
     as it is, anything else is re-encoded from its RGB decoding."""
     try:
-        rgb = load_image(sample.image)
+        rgb = load_image(image)
     except BadImageError as err:
-        reason = "missing_image" if not Path(sample.image).exists() else "bad_image"
+        reason = "missing_image" if not Path(image).exists() else "bad_image"
         report.skip(reason, where, err.reason)
         return None
-    raw = Path(sample.image).read_bytes()
+    raw = Path(image).read_bytes()
     if raw.startswith(_JPEG_MAGIC):
         return raw
     buf = io.BytesIO()
@@ -93,22 +111,43 @@ def _image_bytes(sample: Sample, where: str, report: LoadReport, quality: int) -
     return buf.getvalue()
 
 
+def _members(record: Sample | Conversation, where: str, report: LoadReport) -> dict | None:
+    """The text members of one record ({"txt"?, "json"}), or None (skip counted)."""
+    meta = {"meta": record.meta} if record.meta else {}
+    if isinstance(record, Conversation):
+        if record.image is None:
+            report.skip("no_image", where, "text-only conversation (every row of a VLM batch needs its image)")
+            return None
+        turns = [{"from": _ROLE_NAMES[role], "value": text} for role, text in record.turns]
+        text = {"id": record.id, "conversations": turns} | meta
+        return {"json": json.dumps(text, ensure_ascii=False, default=str).encode("utf-8")}
+    if not record.caption.strip():
+        report.skip("empty_caption", where, "caption is empty")
+        return None
+    text = {k: getattr(record, k) for k in TEXT_FIELDS if getattr(record, k)} | meta
+    return {"txt": record.caption, "json": json.dumps(text, ensure_ascii=False, default=str).encode("utf-8")}
+
+
 def write_shards(
-    samples: Iterable[Sample],
+    samples: Iterable[Sample] | Iterable[Conversation],
     out_dir: str | Path,
     shard_size: int = 1000,
     prefix: str = "shard",
     report: LoadReport | None = None,
     jpeg_quality: int = JPEG_QUALITY,
 ) -> list[Path]:
-    """Write `samples` as webdataset tar shards `{prefix}-{i:06d}.tar` of `shard_size`
-    samples each (the last one smaller), plus `out_dir/index.json`; returns the shard paths.
+    """Write `samples` (caption `Sample`s, or LLaVA `Conversation`s as `load_conversations`
+    returns them; not both) as webdataset tar shards `{prefix}-{i:06d}.tar` of
+    `shard_size` samples each (the last one smaller), plus `out_dir/index.json`; returns
+    the shard paths.
 
     Per sample: `KEY.jpg` (the original bytes if the file is a JPEG, else re-encoded at
-    `jpeg_quality`), `KEY.txt` (the caption) and `KEY.json` (id, caption, short_caption,
-    long_caption when present). Unusable images (missing, undecodable, truncated, smaller
-    than 2x2) and empty captions are skipped and counted in `report`; the index records
-    the counts. Tar members carry mtime 0, so the same input gives byte-identical shards.
+    `jpeg_quality`) and `KEY.json`; for captions also `KEY.txt` (the caption). The JSON
+    holds id, caption, short_caption, long_caption (when present) and the record's `meta`,
+    or id, the conversation turns and `meta` (module docstring). Unusable images
+    (missing, undecodable, truncated, smaller than 2x2), empty captions and text-only
+    conversations are skipped and counted in `report`; the index records the counts and
+    the kind. Tar members carry mtime 0, so the same input gives byte-identical shards.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -119,13 +158,19 @@ def write_shards(
     counts: list[int] = []
     writer: wds.TarWriter | None = None
     written = 0
+    kind: str | None = None
     try:
         for n, sample in enumerate(samples):
+            this = "conversations" if isinstance(sample, Conversation) else "captions"
+            if kind is not None and this != kind:
+                raise ValueError(f"sample {n} ({sample.id}) is {this}, the ones before it {kind}: "
+                                 "write caption and conversation data to separate shard folders")
+            kind = this
             where = f"sample {n} ({sample.id or sample.image})"
-            if not sample.caption.strip():
-                report.skip("empty_caption", where, "caption is empty")
+            members = _members(sample, where, report)
+            if members is None:
                 continue
-            jpg = _image_bytes(sample, where, report, jpeg_quality)
+            jpg = _image_bytes(sample.image, where, report, jpeg_quality)
             if jpg is None:
                 continue
             if writer is None or counts[-1] == shard_size:
@@ -134,13 +179,7 @@ def write_shards(
                 paths.append(out / f"{prefix}-{len(paths):06d}.tar")
                 counts.append(0)
                 writer = wds.TarWriter(str(paths[-1]), mtime=0)
-            text = {k: getattr(sample, k) for k in TEXT_FIELDS if getattr(sample, k)}
-            writer.write({
-                "__key__": f"{written:09d}",
-                "jpg": jpg,
-                "txt": sample.caption,
-                "json": json.dumps(text, ensure_ascii=False).encode("utf-8"),
-            })
+            writer.write({"__key__": f"{written:09d}", "jpg": jpg} | members)
             counts[-1] += 1
             written += 1
             report.loaded += 1
@@ -149,6 +188,7 @@ def write_shards(
             writer.close()
     index = {
         "format": INDEX_FORMAT,
+        "kind": kind or "captions",
         "shards": [{"name": p.name, "count": c} for p, c in zip(paths, counts, strict=True)],
         "total": written,
         "shard_size": shard_size,
@@ -160,6 +200,54 @@ def write_shards(
     return paths
 
 
+def _is_conversation_file(path: Path) -> bool:
+    """True for a LLaVA conversation file: any `.json`, or a `.jsonl` whose first record
+    has a "conversations" key (a captions JSONL has "caption" instead)."""
+    if path.suffix == ".json":
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except ValueError:
+                    return False  # the captions loader names the bad line
+                return isinstance(first, dict) and "conversations" in first
+    return False
+
+
+def _source_records(source: Path, kind: str, split: str, caption_field: str, image_root: str | Path | None,
+                    allow_outside_root: bool, report: LoadReport) -> tuple[str, list]:
+    """(kind, records) of a `shard_command` source, loaded by the loaders training uses."""
+    if source.is_dir():
+        from vlmalign.config import DataConfig
+        from vlmalign.data.splits import train_conversations, train_samples
+
+        kind = "captions" if kind == "auto" else kind
+        if kind == "conversations":  # the shapes layout's instruct files (+ the MCQ ones for train)
+            cfg = DataConfig(root=str(source), generate_shapes=False, allow_outside_root=allow_outside_root,
+                             train_file="" if split == "train" else f"instruct_{split}.json")
+            return kind, train_conversations(cfg, report)
+        cfg = DataConfig(root=str(source), generate_shapes=False, train_file=f"{split}.jsonl",
+                         caption_field=caption_field, allow_outside_root=allow_outside_root)
+        return kind, train_samples(cfg, report)
+    if not source.exists():
+        raise FileNotFoundError(f"--from {source} does not exist; pass a captions .jsonl, a LLaVA conversation "
+                                ".json/.jsonl or a shapes-layout folder")
+    if source.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"--from {source}: expected a captions .jsonl, a LLaVA conversation .json/.jsonl "
+                         "or a folder in the shapes layout")
+    if kind == "auto":
+        kind = "conversations" if _is_conversation_file(source) else "captions"
+    if kind == "conversations":
+        return kind, load_conversations(source, image_root=image_root, report=report, allow_text_only=False,
+                                        allow_outside_root=allow_outside_root)
+    if source.suffix == ".json":
+        raise ValueError(f"--from {source}: captions are read from a .jsonl file (one JSON object a line)")
+    return kind, load_captions_jsonl(source, image_root=image_root, caption_field=caption_field, report=report,
+                                     allow_outside_root=allow_outside_root)
+
+
 def shard_command(
     source: str | Path,
     out: str | Path,
@@ -167,38 +255,44 @@ def shard_command(
     prefix: str = "shard",
     split: str = "train",
     caption_field: str = "caption",
+    kind: str = "auto",
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> dict:
-    """`vlmalign data shard --from SOURCE --out OUT --shard-size N`: read a captions JSONL
-    file, or a folder in the shapes layout (its `{split}.jsonl`, resolved as the trainer
-    does), write shards to `out` and print one summary line.
+    """`vlmalign data shard --from SOURCE --out OUT --shard-size N [--kind K]`: read the
+    records of SOURCE with the loaders training uses, write shards to `out` and print
+    one summary line.
 
-    Returns `{"out", "shards": [names], "samples": written, "skipped": {reason: n},
-    "summary": the printed line}`. Raises FileNotFoundError when `source` is missing.
+    SOURCE: a captions JSONL (`image`, `caption`, optional `short_caption` /
+    `long_caption`), a LLaVA conversation `.json` / `.jsonl` (`id`, `image`,
+    `conversations`), or a folder in the shapes layout (its `{split}.jsonl` captions, or
+    with `kind="conversations"` its instruct files as the `instruct` recipe reads them).
+    `kind`: "auto" (a `.json`, or a `.jsonl` whose first record has "conversations", is
+    conversation data; a folder is captions), "captions" or "conversations". Relative
+    image paths resolve against `image_root` (default: the file's folder). Text-only
+    conversations are skipped and counted (`no_image`), as training skips them.
+
+    Returns `{"out", "kind", "shards": [names], "samples": written, "skipped": {reason: n},
+    "summary": the printed line}`. Raises FileNotFoundError when `source` is missing,
+    ValueError for an unknown `kind` or an unsupported file type.
     """
+    if kind not in ("auto", *SHARD_KINDS):
+        raise ValueError(f"kind must be one of auto, {', '.join(SHARD_KINDS)}; got {kind!r}")
     source = Path(source)
     report = LoadReport()
-    if source.is_dir():
-        from vlmalign.config import DataConfig
-        from vlmalign.data.splits import train_samples
-
-        cfg = DataConfig(root=str(source), generate_shapes=False, train_file=f"{split}.jsonl", caption_field=caption_field)
-        samples = train_samples(cfg, report)
-    elif source.suffix == ".jsonl":
-        samples = load_captions_jsonl(source, caption_field=caption_field, report=report)
-    elif not source.exists():
-        raise FileNotFoundError(f"--from {source} does not exist; pass a captions .jsonl file or a shapes-layout folder")
-    else:
-        raise ValueError(f"--from {source}: expected a captions .jsonl file or a folder in the shapes layout")
+    kind, records = _source_records(source, kind, split, caption_field, image_root, allow_outside_root, report)
     loaded = report.loaded  # records read; write_shards counts the written ones again
     report.loaded = 0
-    paths = write_shards(samples, out, shard_size=shard_size, prefix=prefix, report=report)
+    paths = write_shards(records, out, shard_size=shard_size, prefix=prefix, report=report)
+    what = "conversations" if kind == "conversations" else "samples"
     summary = (
-        f"wrote {report.loaded} samples (of {loaded} records) to {len(paths)} shards in {out}"
+        f"wrote {report.loaded} {what} (of {loaded} records) to {len(paths)} shards in {out}"
         + (f"; {report.summary()}" if report.total_skipped() else "")
     )
     print(summary)
     return {
         "out": str(out),
+        "kind": kind,
         "shards": [p.name for p in paths],
         "samples": report.loaded,
         "skipped": report.skipped,
@@ -250,6 +344,19 @@ def load_index(source: str | Path | Sequence[str]) -> list[Shard]:
     return [Shard(u, count_samples(u)) for u in urls]
 
 
+def index_kind(source: str | Path | Sequence[str]) -> str | None:
+    """What the shard set holds according to its `index.json` ("captions" or
+    "conversations"; "captions" for an index written before kinds existed), or None when
+    `source` names tar files directly (no index to ask)."""
+    if not isinstance(source, (str, Path)) or str(source).endswith(".tar") or "{" in str(source):
+        return None
+    path = Path(source)
+    index = path / INDEX_NAME if path.is_dir() else path
+    if not index.is_file():
+        return None
+    return str(json.loads(index.read_text()).get("kind", "captions"))
+
+
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Decode image bytes as `images.load_image` decodes a file: fully, EXIF-rotated, 8-bit
     RGB; raises `BadImageError` for bytes PIL cannot decode or images below 2x2."""
@@ -289,9 +396,14 @@ def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iter
 
 class ShardStream(IterableDataset):
     """Samples streamed from tar shards, this rank's share of each epoch (see the module
-    docstring for the plan). Yields `Sample`s whose `image` is a decoded RGB PIL image
-    (`decode="pil"`) or the stored bytes (`decode="bytes"`), `meta` = {"shard", "key",
-    "position"} (position: index in this rank's epoch sequence); or `transform(sample)`.
+    docstring for the plan). Yields `Sample`s (`kind="captions"`) or `Conversation`s
+    (`kind="conversations"`) whose `image` is a decoded RGB PIL image (`decode="pil"`) or
+    the stored bytes (`decode="bytes"`), `meta` = the stored meta + {"shard", "key",
+    "position"} (position: index in this rank's epoch sequence); or `transform(sample)`,
+    dropped when the transform returns None (it counts its skip in `self.report`).
+
+    `kind=None` takes the kind from the shard set's index.json (captions without one); a
+    kind other than the index's raises ValueError.
 
     `rank` / `world_size` default to torch.distributed (or RANK / WORLD_SIZE), read when the
     stream is built. Call
@@ -314,13 +426,23 @@ class ShardStream(IterableDataset):
         even: bool = False,
         decode: str = "pil",
         caption_field: str = "caption",
-        transform: Callable[[Sample], Any] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        kind: str | None = None,
     ) -> None:
         if decode not in ("pil", "bytes"):
             raise ValueError(f"decode must be 'pil' or 'bytes', got {decode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if kind is not None and kind not in SHARD_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SHARD_KINDS)}, got {kind!r}")
         self.shards = load_index(source)
+        found = index_kind(source)
+        if kind is not None and found is not None and found != kind:
+            raise ValueError(
+                f"{source} holds {found} (its {INDEX_NAME} says kind={found!r}), not {kind}; write "
+                f"{kind} shards with `vlmalign data shard --from FILE --kind {kind}` and point data.shards at them"
+            )
+        self.kind: str = kind or found or "captions"
         env_rank, env_world = _distributed_rank_world()  # resolved now, in the main process
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
@@ -345,8 +467,10 @@ class ShardStream(IterableDataset):
 
     def skip(self, samples: int, epoch: int | None = None) -> None:
         """Drop the first `samples` of this rank's sequence in `epoch` (default: the current
-        one) only: how a resumed run continues where it stopped. A trainer that consumed
-        b full batches of this rank in the epoch passes b * batch_size."""
+        one) only: how a resumed run continues where it stopped. `samples` counts positions
+        in the rank's sequence (skipped records included): one past the last consumed
+        `meta["position"]`, which is b * batch_size after b full batches when no record
+        of the epoch was skipped."""
         if samples < 0:
             raise ValueError(f"cannot skip a negative number of samples ({samples})")
         self._skip = (self.epoch if epoch is None else epoch, samples)
@@ -413,8 +537,23 @@ class ShardStream(IterableDataset):
             self.report.skip("corrupt_shard", shard.url, f"{detail}; {lost} samples lost")
             log.warning("shard %s ended early (%s): %d samples lost", shard.url, detail, lost)
 
-    def _sample(self, url: str, key: str, record: dict, position: int) -> Sample | None:
-        """A Sample from one record's members, or None (skip counted) when it is unusable."""
+    def _image(self, record: dict, where: str) -> tuple[Any, str]:
+        """(the record's image, "") or (None, skip reason + detail counted)."""
+        ext = next((e for e in IMAGE_EXTS if e in record), None)
+        if ext is None:
+            self._skipped("missing_image", where, f"no image member ({', '.join(IMAGE_EXTS)})")
+            return None, "missing_image"
+        if self.decode == "bytes":
+            return record[ext], ""
+        try:
+            return decode_image(record[ext], where), ""
+        except BadImageError as err:
+            self._skipped("bad_image", where, err.reason)
+            return None, "bad_image"
+
+    def _sample(self, url: str, key: str, record: dict, position: int) -> Sample | Conversation | None:
+        """A Sample or Conversation from one record's members, or None (skip counted) when
+        it is unusable."""
         where = f"{url}:{key}"
         text: dict = {}
         if "json" in record:
@@ -424,29 +563,49 @@ class ShardStream(IterableDataset):
                     raise ValueError(f"a JSON {type(text).__name__}, not an object")
             except (UnicodeDecodeError, ValueError) as err:
                 return self._skipped("malformed_json", where, str(err))
+        meta = text.get("meta") if isinstance(text.get("meta"), dict) else {}
+        meta = meta | {"shard": Path(url).name, "key": key, "position": position}
+        if self.kind == "conversations":
+            return self._conversation(text, record, where, meta)
         caption = text.get(self.caption_field) or text.get("caption")
         if not caption and "txt" in record:
             caption = record["txt"].decode("utf-8", errors="replace")
         caption = str(caption or "").strip()
         if not caption:
             return self._skipped("empty_caption", where, f"no {self.caption_field!r} in .json and no .txt")
-        ext = next((e for e in IMAGE_EXTS if e in record), None)
-        if ext is None:
-            return self._skipped("missing_image", where, f"no image member ({', '.join(IMAGE_EXTS)})")
-        image: Any = record[ext]
-        if self.decode == "pil":
-            try:
-                image = decode_image(image, where)
-            except BadImageError as err:
-                return self._skipped("bad_image", where, err.reason)
+        image, failed = self._image(record, where)
+        if failed:
+            return None
         return Sample(
             id=str(text.get("id", key)),
             image=image,
             caption=caption,
             short_caption=str(text.get("short_caption", "")),
             long_caption=str(text.get("long_caption", "")),
-            meta={"shard": Path(url).name, "key": key, "position": position},
+            meta=meta,
         )
+
+    def _conversation(self, text: dict, record: dict, where: str, meta: dict) -> Conversation | None:
+        """A Conversation from one record, its turns checked by the conversation loader's
+        rules (roles, alternation, empty turns: `conversations._parse_turns`) and the
+        `<image>` marker put in the first human turn when missing, as the loader does."""
+        if "conversations" not in text:
+            return self._skipped("missing_key", where, "no .json member with a 'conversations' list")
+        turns = _parse_turns(text["conversations"], where, self.report)
+        if turns is None:
+            log.warning("skipping sample %s: its conversation turns are malformed (counted in the report)", where)
+            return None
+        markers = [t.count(IMAGE_TOKEN) for _, t in turns]
+        if sum(markers) > 1 or (sum(markers) == 1 and markers[0] == 0):
+            reason = "multiple_image_markers" if sum(markers) > 1 else "misplaced_image_marker"
+            return self._skipped(reason, where, f"one {IMAGE_TOKEN} marker, in the first human turn, per record")
+        image, failed = self._image(record, where)
+        if failed:
+            return None
+        if markers[0] == 0:
+            turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
+            self.report.repair("inserted_image_marker", where, f"{IMAGE_TOKEN} put at the start of the first human turn")
+        return Conversation(id=str(text.get("id", meta["key"])), image=image, turns=turns, meta=meta)
 
     def _skipped(self, reason: str, where: str, detail: str) -> None:
         self.report.skip(reason, where, detail)
@@ -467,5 +626,7 @@ class ShardStream(IterableDataset):
             if position < skip or ((position - skip) // self.batch_size) % workers != worker:
                 continue
             sample = self._sample(url, key, record, position)
+            if sample is not None and self.transform is not None:
+                sample = self.transform(sample)  # None: a skip the transform counted
             if sample is not None:
-                yield self.transform(sample) if self.transform is not None else sample
+                yield sample

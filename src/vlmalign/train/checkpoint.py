@@ -7,6 +7,9 @@ checkpoint-{step}/
   objective.safetensors  the objective's learnable temperature / bias, when it has any
   optimizer.pt           optimizer.state_dict(): tensors and numbers only, read back with
                          torch.load(weights_only=True), so loading runs no pickled code
+                         (FSDP2: the full state by parameter name; DeepSpeed: a record of
+                         its ZeRO stage and world size, see train/sharded.py)
+  deepspeed/             DeepSpeed only: its per-rank ZeRO files (engine.save_checkpoint)
   rng_state.safetensors  torch CPU (and CUDA) generator states
   trainer_state.json     step, data position, scheduler, python/numpy RNG, history
   manifest.json          size and sha256 of every file above; written last
@@ -23,6 +26,11 @@ touched before the new one is complete. A resumed run reloads all of it (weights
 optimizer, scheduler, RNG states, sampler epoch and position) and ends with the same
 weights, bit for bit on CPU, as a run that was never stopped (tests/test_resume.py,
 tests/test_crash.py). Nothing is unpickled except through `torch.load(weights_only=True)`.
+
+Under FSDP2 and DeepSpeed ZeRO the weights and optimizer state are sharded over the
+ranks: `save_checkpoint_sharded` is then called on every rank, gathers what rank 0 writes
+through train/sharded.py, and keeps the same layout, manifest and atomic rename
+(tests/test_sharded_checkpoint.py). One process and DDP keep `save_checkpoint`, rank 0 alone.
 """
 
 from __future__ import annotations
@@ -34,23 +42,26 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmalign.config import Config, ConfigError, load_config
 from vlmalign.errors import DiskFullError, is_disk_full
 from vlmalign.models.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from vlmalign.train import sharded
+from vlmalign.train.sharded import OPTIMIZER_NAME, TrainableState
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE_NAME = "objective.safetensors"
-OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng_state.safetensors"
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
@@ -222,13 +233,24 @@ def _write_files(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Any,
+    gathered: tuple[TrainableState, dict[str, Any]] | None = None,
 ) -> None:
-    """Every file of a checkpoint into `tmp`, the manifest last, all fsynced."""
-    model.save_pretrained(tmp)
-    obj = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
+    """Every file of a checkpoint into `tmp`, the manifest last, all fsynced. `gathered`:
+    (weights, optimizer state) already gathered from a sharded engine (train/sharded.py);
+    None reads them from `model`, `objective` and `optimizer` as they are."""
+    if gathered is None:
+        model.save_pretrained(tmp)
+        obj = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
+    else:  # the same files as VLM.save_pretrained writes, from the gathered tensors
+        weights, optimizer_state = gathered
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(weights.model, str(tmp / WEIGHTS_NAME))
+        model.cfg.save(tmp / CONFIG_NAME)
+        obj = weights.objective
     if obj:
         save_file(obj, str(tmp / OBJECTIVE_NAME))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+    torch.save(optimizer_state, tmp / OPTIMIZER_NAME)
     rng_json, rng_tensors = rng_state()
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_NAME))
     record = asdict(state)
@@ -260,7 +282,9 @@ def save_checkpoint(
 ) -> Path:
     """Write `out_dir/checkpoint-{state.step}` atomically (into `.tmp`, manifest last,
     fsync, rename) and return it; an existing folder of that step is replaced only once
-    the new one is complete. `scaler`: Accelerate's fp16 GradScaler, if any.
+    the new one is complete. `scaler`: Accelerate's fp16 GradScaler, if any. Called by the
+    main process alone, for engines that do not shard (one process, DDP); see
+    `save_checkpoint_sharded` for FSDP2 / DeepSpeed.
 
     If writing fails, the partial `.tmp` folder is removed and the error re-raised; a full
     disk (ENOSPC / EDQUOT) raises `DiskFullError` naming the newest checkpoint that is
@@ -271,8 +295,50 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():  # left by an interrupted save
         shutil.rmtree(tmp)
+    return _commit(out_dir, final, tmp, lambda: _write_files(tmp, state, model, objective, optimizer, scheduler, scaler))
+
+
+def save_checkpoint_sharded(
+    accelerator: Accelerator,
+    out_dir: str | Path,
+    state: TrainingState,
+    module: nn.Module,
+    model: VLM,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Any = None,
+) -> Path:
+    """`save_checkpoint` for engines that shard weights or optimizer state (FSDP2,
+    DeepSpeed ZeRO). Call on EVERY rank: the weights and optimizer state are gathered to
+    rank 0 (train/sharded.py), DeepSpeed writes its per-rank files into the `.tmp` folder,
+    then rank 0 writes the rest, the manifest last, and renames; every rank returns the
+    final folder once it exists. `module`: what `accelerator.prepare` returned for the
+    trainer's TrainStep. `out_dir` must be on a filesystem every rank sees (DeepSpeed)."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{state.step}"
+    tmp = final.with_name(final.name + ".tmp")
+    weights = sharded.gather_trainable_state(accelerator, module, model, objective)  # collective
+    optimizer_state = sharded.optimizer_state_for_save(accelerator, module, optimizer)  # collective
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by an interrupted save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    sharded.save_engine_state(accelerator, module, tmp)  # DeepSpeed: every rank writes its part
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        gathered = (weights, optimizer_state)
+        _commit(out_dir, final, tmp, lambda: _write_files(tmp, state, model, objective, optimizer, scheduler, scaler, gathered))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _commit(out_dir: Path, final: Path, tmp: Path, write: Callable[[], None]) -> Path:
+    """Run `write()` (fills `tmp`, manifest last), then rename `tmp` to `final`; on failure
+    remove `tmp` and re-raise (a full disk as `DiskFullError`)."""
     try:
-        _write_files(tmp, state, model, objective, optimizer, scheduler, scaler)
+        write()
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err):
@@ -411,15 +477,27 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Any = None,
+    accelerator: Accelerator | None = None,
+    module: nn.Module | None = None,
 ) -> TrainingState:
     """Load the optimizer, scheduler, (fp16 scaler) and RNG states of a checkpoint and
     return the loop's position. Call it last, right before the loop: it sets the RNGs.
     Verifies the manifest first (`CheckpointError`); the optimizer state is unpickled with
-    `torch.load(weights_only=True)`, which refuses anything but tensors and plain data."""
+    `torch.load(weights_only=True)`, which refuses anything but tensors and plain data.
+
+    `accelerator` and `module` (the prepared TrainStep): pass them on every rank when the
+    run may be sharded (FSDP2, DeepSpeed): the optimizer state is then loaded through
+    `sharded.load_optimizer_state` (collective). Without them the optimizer loads its own
+    numbered state dict, as a one-process / DDP run always did."""
     directory = Path(directory)
     verify_checkpoint(directory)
     record = json.loads((directory / STATE_NAME).read_text())
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+    if accelerator is None:
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+    else:
+        if module is None:
+            raise ValueError("load_training_state(accelerator=...) also needs module=, the prepared TrainStep")
+        sharded.load_optimizer_state(accelerator, module, optimizer, directory)
     scheduler.load_state_dict(record.pop("scheduler"))
     scaler_state = record.pop("scaler", None)
     if scaler is not None and scaler_state is not None:

@@ -30,7 +30,7 @@ from vlmalign.data.shards import ShardStream
 from vlmalign.errors import explain_oom
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
-from vlmalign.train import checkpoint
+from vlmalign.train import checkpoint, sharded
 from vlmalign.train.checkpoint import TrainingState
 from vlmalign.train.datasets import TrainData, TrainSet, build_stream, build_trainset
 from vlmalign.train.guard import NonFiniteGuard, StopSignal
@@ -129,9 +129,8 @@ def _batches(model: VLM, objective: Objective, data: TrainData | None, cfg: Conf
              accelerator: Accelerator) -> _Batches:
     tc = cfg.train
     if cfg.data.shards:
-        if kind != "captions":
-            raise ValueError(f"data.shards streams caption pairs; recipe {cfg.recipe} trains on {kind!r} data")
-        trainset = build_stream(model, cfg, accelerator.process_index, accelerator.num_processes)
+        trainset = build_stream(model, cfg, accelerator.process_index, accelerator.num_processes, kind=kind,
+                                objective=objective)
         loader = DataLoader(trainset.dataset, batch_size=tc.batch_size, collate_fn=trainset.collator)
         return _Batches(trainset, loader, None, trainset.stream.report, accelerator, f"{trainset.stream.total} streamed")
     if data is None:
@@ -208,12 +207,15 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         step_module, optimizer, batches.loader = accelerator.prepare(step_module, optimizer, batches.loader)
     else:  # a stream splits itself across ranks: Accelerate must not shard it again
         step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    # FSDP2 replaces the parameters at prepare(): clip and guard the ones that train now.
+    params = [p for p in step_module.parameters() if p.requires_grad]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     state = TrainingState()
     if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler)
+        state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler,
+                                               accelerator=accelerator, module=step_module)
         batches.skip(state.epoch, state.batches_done)
         console.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     elif latest := checkpoint.find_latest(out_dir):
@@ -223,10 +225,14 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     guard.load_state_dict(state.extra.get("nonfinite", {}))
 
     def save(extra: dict | None = None) -> Path:
-        """The checkpoint of this step, written by the main process."""
+        """The checkpoint of this step: written by the main process, with every rank
+        gathering the shards first under FSDP2 / DeepSpeed (train/sharded.py)."""
         state.extra = (extra or state.extra) | {"nonfinite": guard.state_dict()}
         path = out_dir / f"checkpoint-{state.step}"
-        if accelerator.is_main_process:
+        if sharded.is_sharded(accelerator):
+            checkpoint.save_checkpoint_sharded(accelerator, out_dir, state, step_module, model, objective, optimizer,
+                                               scheduler, accelerator.scaler)
+        elif accelerator.is_main_process:
             checkpoint.save_checkpoint(out_dir, state, model, objective, optimizer, scheduler, accelerator.scaler)
         accelerator.wait_for_everyone()
         return path
@@ -245,7 +251,9 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     t_log = time.perf_counter()
     with runlog, StopSignal() as stop, explain_oom(tc.batch_size, tc.grad_accum_steps):
         while state.step < tc.max_steps and not _agree(accelerator, stop.requested):
+            fresh_epoch, stepped = state.batches_done == 0, False
             for group in _groups(batches.epoch(state.epoch), tc.grad_accum_steps):
+                stepped = True
                 parts = accumulate_gradients(accelerator, step_module, objective, group)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                 ids = [i for b in group for i in b["index"].tolist()]
@@ -272,6 +280,9 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
                 if state.step >= tc.max_steps or stopping:
                     break
             else:  # the epoch ran out (not a break at max_steps)
+                if fresh_epoch and not stepped:  # would loop for ever
+                    raise ValueError(f"epoch {state.epoch} gave no batch of {tc.batch_size} x {tc.grad_accum_steps}: "
+                                     f"too few usable samples ({batches.report.summary()})")
                 state.epoch, state.batches_done = state.epoch + 1, 0
                 if batches.report.total_skipped() and accelerator.is_main_process:
                     console.print(f"[yellow]end of epoch {state.epoch}: {batches.report.summary()}")
