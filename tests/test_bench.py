@@ -20,6 +20,7 @@ from vlmalign.bench import (
     counted_flops,
     prepare_recipe,
     run_bench,
+    saved_activation_bytes,
     step_flops,
 )
 
@@ -130,3 +131,12 @@ def test_run_bench_returns_the_documented_keys(shapes_root, tmp_path):
 def test_unknown_recipe_names_the_known_ones(shapes_root):
     with pytest.raises(Exception, match="align-clip"):
         run_bench(["align-clp"], llm="tiny", tower="tiny", data_root=shapes_root, quiet=True)
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    w = torch.randn(8, 8)  # a frozen weight: kept for the input gradient, excluded as a weight
+    x = torch.randn(4, 8, requires_grad=True)
+    assert saved_activation_bytes(lambda: (x @ w).sum(), exclude=[w]) == 0
+    assert saved_activation_bytes(lambda: (x @ w).sum()) == w.numel() * 4
+    # tanh keeps its output [4, 8]; exp keeps its output too: two distinct storages
+    assert saved_activation_bytes(lambda: (x.tanh().exp()).sum(), exclude=[w]) == 2 * 4 * 8 * 4

@@ -92,7 +92,7 @@ LENGTH_GROUP = 8
 # Keys of each result row (documented in benchmarks/README.md).
 RESULT_KEYS = (
     "recipe", "mode", "ms_per_step", "ms_all", "samples_per_s", "trained_tokens_per_s", "tokens_per_s",
-    "padding_fraction", "model_gflop", "useful_gflop", "mfu", "useful_mfu", "peak_rss_mb", "step_mem_mb",
+    "padding_fraction", "model_gflop", "useful_gflop", "mfu", "useful_mfu", "peak_rss_mb", "step_mem_mb", "saved_mb",
     "losses",
 )
 
@@ -381,12 +381,19 @@ def step_flops(model: VLM, objective: Objective, batch: dict, s: Settings, shape
     return executed, useful
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
-    """Best fp32 matmul rate (GFLOP/s) of `repeats` n x n @ n x n products: 2 n^3 FLOPs each."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: torch.device | str = "cpu",
+                       warmup_s: float = 1.5) -> float:
+    """Best fp32 matmul rate (GFLOP/s) of `repeats` n x n @ n x n products (2 n^3 FLOPs
+    each), after `warmup_s` seconds of the same products: a cold start measures up to 30%
+    low on this CPU (110 vs 150 GFLOP/s on 2 threads), which would inflate every MFU."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
+    until = time.perf_counter() + warmup_s
+    while time.perf_counter() < until:
+        torch.mm(a, b)
+    _sync(device)
     best = math.inf
-    for _ in range(repeats + 1):  # the first one warms up
+    for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
@@ -547,6 +554,9 @@ def measure_mode(setup: RecipeSetup, mode: str, steps: int, warmup: int, peak_gf
         memory.set_lean(model.llm, True)
     peak, step_mem = probe.stop()
     timed = batches[warmup:]
+    weights = [*model.parameters(), *model.buffers(), *objective.parameters()]
+    saved = saved_activation_bytes(lambda: bench_loss(model, objective, timed[0], s)[0], exclude=weights)
+    memory.set_lean(model.llm, True)
     sec = statistics.median(times)
     shape = LLMShape.of(model)
     side = SideFlops.of(model, timed[0].get("features"), _pixels(setup, timed[0]))
@@ -563,9 +573,29 @@ def measure_mode(setup: RecipeSetup, mode: str, steps: int, warmup: int, peak_gf
         "padding_fraction": 1 - sum(real) / max(sum(padded), 1),
         "model_gflop": executed / 1e9, "useful_gflop": useful / 1e9,
         "mfu": executed / sec / (peak_gflops * 1e9), "useful_mfu": useful / sec / (peak_gflops * 1e9),
-        "peak_rss_mb": peak, "step_mem_mb": step_mem, "mem_method": probe.method,
+        "peak_rss_mb": peak, "step_mem_mb": step_mem, "mem_method": probe.method, "saved_mb": saved / 2**20,
         "threads": threads or old_threads, "losses": first_parts,
     }
+
+
+def saved_activation_bytes(loss_fn, exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `loss_fn()` builds
+    its graph: the activation memory of a step, free of allocator effects. Storages of
+    `exclude` (the weights, which layers keep for their input gradient) are not counted.
+    The graph is then dropped."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(storages.values())
 
 
 def _pixels(setup: RecipeSetup, batch: dict) -> Tensor:
@@ -629,7 +659,7 @@ def run_bench(
         torch.set_num_threads(num_threads)
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = matmul_peak_gflops(device=device)
+    peak = peak_start = matmul_peak_gflops(device=device)
     load_before = os.getloadavg()
     results: list[dict] = []
     models: dict[tuple, VLM] = {}
@@ -641,9 +671,16 @@ def run_bench(
         except Exception as e:  # one broken recipe (data, model) must not lose the others' figures
             errors.append({"recipe": recipe, "error": f"{type(e).__name__}: {e}"})
             console.print(f"[yellow]bench: {recipe} failed ({type(e).__name__}: {e}); continuing")
+    # The peak again at the end; MFU is against the higher of the two (a conservative MFU).
+    peak_end = matmul_peak_gflops(device=device)
+    peak = max(peak_start, peak_end)
+    for r in results:
+        r["mfu"] *= peak_start / peak
+        r["useful_mfu"] *= peak_start / peak
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(), "peak_gflops": peak, "llm": llm, "tower": tower,
+        "torch_threads": torch.get_num_threads(), "peak_gflops": peak, "peak_gflops_start": peak_start,
+        "peak_gflops_end": peak_end, "llm": llm, "tower": tower,
         "batch_size": batch_size, "steps": steps, "warmup": warmup, "caption_format": caption_format,
         "load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg()),
         "wall_s": time.perf_counter() - t0, "results": results, "ratios": bench_ratios(results), "errors": errors,
@@ -688,7 +725,8 @@ def _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_si
 
 def bench_ratios(results: list[dict]) -> dict[str, float]:
     """Ratios between rows: `<recipe>/naive_over_optimised_time`, `.../optimised_over_naive_step_mem`,
-    `.../optimised_over_naive_peak_rss`, `<recipe>/optimised_over_align_time` (joint / NTP-only),
+    `.../optimised_over_naive_peak_rss`, `.../optimised_over_naive_saved` (activations kept
+    for backward), `<recipe>/optimised_over_align_time` (joint / NTP-only),
     `<recipe>/optimised_over_plain_align_time` (over align on plain captions),
     `<recipe>/<ablation>_over_optimised_time`."""
     rows = {(r["recipe"], r["mode"]): r for r in results}
@@ -705,6 +743,7 @@ def bench_ratios(results: list[dict]) -> dict[str, float]:
             out[f"{recipe}/naive_over_optimised_time"] = r["ms_per_step"] / opt["ms_per_step"]
             out[f"{recipe}/optimised_over_naive_step_mem"] = opt["step_mem_mb"] / max(r["step_mem_mb"], 1e-9)
             out[f"{recipe}/optimised_over_naive_peak_rss"] = opt["peak_rss_mb"] / max(r["peak_rss_mb"], 1e-9)
+            out[f"{recipe}/optimised_over_naive_saved"] = opt["saved_mb"] / max(r["saved_mb"], 1e-9)
         elif mode == "optimised" and align is not None and recipe != "align":
             out[f"{recipe}/optimised_over_align_time"] = r["ms_per_step"] / align["ms_per_step"]
         elif mode != "optimised":
@@ -717,12 +756,13 @@ def bench_table(report: dict) -> Table:
     table = Table(title=f"vlmalign bench: {report['llm']} + {report['tower']}, batch {report['batch_size']}, "
                         f"peak {report['peak_gflops']:.0f} GFLOP/s, load {report['load_avg_before'][0]:.1f}")
     for col in ("recipe", "mode", "ms/step", "samples/s", "trained tok/s", "pad", "GFLOP", "MFU", "useful MFU",
-                "step mem MB", "peak RSS MB"):
+                "saved MB", "step mem MB", "peak RSS MB"):
         table.add_column(col, justify="left" if col in ("recipe", "mode") else "right")
     for r in report["results"]:
         table.add_row(r["recipe"], r["mode"], f"{r['ms_per_step']:.0f}", f"{r['samples_per_s']:.1f}",
                       f"{r['trained_tokens_per_s']:.0f}", f"{r['padding_fraction']:.0%}", f"{r['model_gflop']:.0f}",
-                      f"{r['mfu']:.0%}", f"{r['useful_mfu']:.0%}", f"{r['step_mem_mb']:.0f}", f"{r['peak_rss_mb']:.0f}")
+                      f"{r['mfu']:.0%}", f"{r['useful_mfu']:.0%}", f"{r['saved_mb']:.0f}", f"{r['step_mem_mb']:.0f}",
+                      f"{r['peak_rss_mb']:.0f}")
     return table
 
 
