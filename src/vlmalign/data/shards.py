@@ -33,12 +33,20 @@ world size, so every process computes the same plan without talking to the other
    shards works, dividing evenly or not, and none is read twice across ranks.
 3. The rank's range passes through a shuffle buffer seeded by (seed, epoch, rank): this is
    the rank's sample sequence for the epoch, the same whatever the number of workers.
-4. `skip(n)` drops the first n samples of that sequence (resuming mid-epoch).
-5. Worker w of W keeps the samples j with (j // batch_size) % W == w. A DataLoader takes
-   batches from its workers in turn, so with the same `batch_size` it yields the rank's
-   sequence in order, batch by batch, for any W: resume and parity tests do not depend on
-   the worker count. Every worker reads the rank's tar bytes but decodes only its own
-   samples (decoding is the expensive part).
+4. Worker w of W keeps the samples j with (j // batch_size) % W == w. A DataLoader takes
+   batches from its workers in turn, so with the same `batch_size` and no skipped record
+   it yields the rank's sequence in order, batch by batch, for any W. Every worker reads
+   the rank's tar bytes but decodes only its own samples (decoding is the expensive part).
+   A skipped record (below) leaves its worker's batch short, and the worker fills it from
+   its next block: the batches then depend on W, and one offset into the sequence no
+   longer says where every worker stands.
+5. Resuming mid-epoch: `StreamPosition` records, per worker slot, the first position the
+   slot still owes and which slot serves the next batch. The training loop takes a fresh
+   one from `position(workers)`, `advance`s it with the positions of each batch it
+   consumes, saves it, and a resumed run hands it to `resume`: the rest of the epoch is
+   then the batches the interrupted run would have had, skipped records or not, with the
+   same number of workers. `skip(n)` drops the first n samples (exact when no record
+   before n was skipped, or with no workers).
 
 A corrupt sample (undecodable image, bad JSON, no image or caption member, conversation
 turns of the wrong shape) is skipped and counted in `ShardStream.report` (in the process
@@ -55,7 +63,7 @@ import os
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +402,84 @@ def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
+@dataclass
+class StreamPosition:
+    """Where one rank stands in an epoch of its `ShardStream`: enough to continue exactly
+    as the interrupted run would have, even after skipped records.
+
+    From `start` on, the rank's sequence is cut into blocks of `batch_size` positions dealt
+    to `workers` slots in turn (block k -> slot k % workers; one slot without DataLoader
+    workers). Slot s has delivered every record of its blocks before `next[s]`; `first` is
+    the slot whose batch comes next. A DataLoader takes its first batch from worker 0, so
+    worker w plays slot (w + first) % workers. After a skipped record a worker's batch
+    reaches into its next block while the other workers are still behind: that is why one
+    offset per rank is not enough with workers (with none, `next[0]` is that offset).
+
+    [Contract] `advance` gets the positions (`meta["position"]`, the items' "index") of a
+    batch as the DataLoader returned it: all from one worker, so from one slot.
+    """
+
+    epoch: int
+    start: int = 0  # positions before it are dropped; blocks are counted from it
+    batch_size: int = 1
+    workers: int = 1  # slots (DataLoader workers, at least 1)
+    next: list[int] = field(default_factory=list)  # per slot; [] = every slot at `start`
+    first: int = 0  # slot of the next batch
+
+    def slot(self, position: int) -> int:
+        """The slot that serves `position` (>= start)."""
+        return ((position - self.start) // self.batch_size) % self.workers
+
+    def advance(self, positions: Sequence[int]) -> None:
+        """Count one consumed batch: its slot now owes the records after the batch's last
+        one, and the next batch comes from the slot after it."""
+        positions = [int(p) for p in positions]
+        if not positions:
+            raise ValueError("advance() needs the positions of a non-empty batch")
+        if len(self.next) != self.workers:
+            self.next = [self.start] * self.workers
+        slot = self.slot(min(positions))
+        self.next[slot] = max(positions) + 1
+        self.first = (slot + 1) % self.workers
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON data (trainer_state.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
+        """The position `as_dict` wrote; ValueError naming the problem when it is not one."""
+        try:
+            pos = cls(**{k: data[k] for k in ("epoch", "start", "batch_size", "workers", "next", "first")})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"not a stream position (expected epoch, start, batch_size, workers, next, first): "
+                             f"{data!r}") from err
+        pos.check()
+        return pos
+
+    def check(self) -> None:
+        """ValueError when the fields cannot describe a position."""
+        bad = (self.start < 0 or self.batch_size < 1 or self.workers < 1 or not 0 <= self.first < self.workers
+               or len(self.next) not in (0, self.workers) or any(n < self.start for n in self.next))
+        if bad:
+            raise ValueError(f"inconsistent stream position {self.as_dict()}: need start >= 0, batch_size >= 1, "
+                             "0 <= first < workers, and `next` empty or one entry >= start per worker")
+
+
+def rank_position(saved: dict[str, Any] | None, rank: int, world: int, epoch: int) -> StreamPosition | None:
+    """This rank's position from a saved record {"world": n, "ranks": [position dicts,
+    by rank]} (the training state's "stream" entry), or None when the record does not
+    apply: none saved (an older checkpoint), another world size (the ranks then read
+    other parts of the epoch), another epoch, or no entry for this rank."""
+    if not saved or saved.get("world") != world:
+        return None
+    ranks = saved.get("ranks") or []
+    if rank >= len(ranks) or ranks[rank] is None:
+        return None
+    position = StreamPosition.from_dict(ranks[rank])
+    return position if position.epoch == epoch else None
+
+
 class ShardStream(IterableDataset):
     """Samples streamed from tar shards, this rank's share of each epoch (see the module
     docstring for the plan). Yields `Sample`s (`kind="captions"`) or `Conversation`s
@@ -408,9 +494,10 @@ class ShardStream(IterableDataset):
     `rank` / `world_size` default to torch.distributed (or RANK / WORLD_SIZE), read when the
     stream is built. Call
     `set_epoch(e)` before each epoch (the order is a function of (seed, epoch) only, so a
-    DataLoader re-created or with workers gets the same order); `skip(n)` resumes inside an
-    epoch. `batch_size` must equal the DataLoader's for the worker split to reproduce the
-    rank's sequence. Do not use `persistent_workers=True` (workers would keep a stale epoch).
+    DataLoader re-created or with workers gets the same order); `position` / `resume`
+    (exact) or `skip(n)` resume inside an epoch. `batch_size` must equal the DataLoader's
+    for the worker split to reproduce the rank's sequence. Do not use
+    `persistent_workers=True` (workers would keep a stale epoch).
     """
 
     def __init__(
@@ -452,7 +539,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.batch_size, self.even = batch_size, even
         self.decode, self.caption_field, self.transform = decode, caption_field, transform
-        self._skip: tuple[int, int] = (epoch, 0)  # (epoch it applies to, samples)
+        self._resume: StreamPosition | None = None  # where its epoch starts (skip / resume)
         self.report = LoadReport()
 
     # --------------------------------------------------------------- the epoch's plan
@@ -467,13 +554,46 @@ class ShardStream(IterableDataset):
 
     def skip(self, samples: int, epoch: int | None = None) -> None:
         """Drop the first `samples` of this rank's sequence in `epoch` (default: the current
-        one) only: how a resumed run continues where it stopped. `samples` counts positions
-        in the rank's sequence (skipped records included): one past the last consumed
-        `meta["position"]`, which is b * batch_size after b full batches when no record
-        of the epoch was skipped."""
+        one) only. `samples` counts positions in the rank's sequence (skipped records
+        included): one past the last consumed `meta["position"]` continues exactly without
+        DataLoader workers; b * batch_size after b batches only when no record before was
+        skipped. With workers use `position` / `resume`, exact in every case."""
         if samples < 0:
             raise ValueError(f"cannot skip a negative number of samples ({samples})")
-        self._skip = (self.epoch if epoch is None else epoch, samples)
+        self._resume = StreamPosition(self.epoch if epoch is None else epoch, start=samples, batch_size=self.batch_size)
+
+    def resume(self, position: StreamPosition) -> None:
+        """Continue `position.epoch` where `position` stands: a `position()` the interrupted
+        run advanced with every batch it consumed. Exact when this run has the same
+        `batch_size` and DataLoader worker count; otherwise the epoch resumes after the
+        furthest record any worker had delivered (a warning says so): nothing is seen
+        twice, but records a lagging worker still owed are lost."""
+        position.check()
+        self._resume = StreamPosition(**position.as_dict())
+
+    def position(self, workers: int = 0) -> StreamPosition:
+        """Where the next iteration of the current epoch starts when a DataLoader with
+        `workers` workers (0: the main process) reads this stream; a fresh copy, to be
+        `advance`d with each batch the loop consumes and saved for `resume`."""
+        return self._layout(max(1, workers))
+
+    def _layout(self, workers: int, warn: bool = False) -> StreamPosition:
+        """The current epoch's `StreamPosition` for `workers` slots, from `skip`/`resume`."""
+        fresh = StreamPosition(self.epoch, 0, self.batch_size, workers, [0] * workers, 0)
+        saved = self._resume
+        if saved is None or saved.epoch != self.epoch:
+            return fresh
+        if not saved.next:  # skip(n): every slot from n, blocks counted from n
+            return StreamPosition(self.epoch, saved.start, self.batch_size, workers, [saved.start] * workers, 0)
+        if (saved.workers, saved.batch_size) == (workers, self.batch_size):
+            return StreamPosition(**saved.as_dict())
+        start = max(saved.next)
+        if warn:
+            log.warning("resuming epoch %d with %d DataLoader workers and batch size %d, saved with %d and %d: "
+                        "continuing after position %d, where the furthest worker stood (records a slower worker "
+                        "still owed are not read); keep both settings for an exact resume",
+                        self.epoch, workers, self.batch_size, saved.workers, saved.batch_size, start)
+        return StreamPosition(self.epoch, start, self.batch_size, workers, [start] * workers, 0)
 
     def rank_range(self) -> tuple[int, int]:
         """[start, stop) of this rank in the epoch's concatenated stream."""
@@ -616,14 +736,14 @@ class ShardStream(IterableDataset):
         rank = self.rank
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skip_epoch, skip = self._skip
-        skip = skip if skip_epoch == self.epoch else 0
+        at = self._layout(workers, warn=worker == 0)
+        slot = (worker + at.first) % at.workers  # the DataLoader asks worker 0 first
         records = (r for shard, lo, hi in self.plan() for r in self._read(shard, lo, hi, counting=worker == 0))
         if self.shuffle:
             rng = random.Random(f"vlmalign-buffer:{self.seed}:{self.epoch}:{rank}")
             records = _buffer_shuffle(records, self.shuffle_buffer, rng)
         for position, (url, key, record) in enumerate(records):
-            if position < skip or ((position - skip) // self.batch_size) % workers != worker:
+            if position < at.next[slot] or at.slot(position) != slot:  # next[slot] >= start
                 continue
             sample = self._sample(url, key, record, position)
             if sample is not None and self.transform is not None:

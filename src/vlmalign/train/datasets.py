@@ -14,6 +14,11 @@ record encoded as it arrives by the same code `build` uses). Kinds:
 
 A streamed record that the map-style path would skip (no label left after truncation, no
 short or long caption, a template mismatch) is skipped and counted in the stream's report.
+
+[Contract] A streamed item's "index" is its record's position in the rank's sequence
+(`meta["position"]`): the collators pass it on as `batch["index"]`, and the trainer
+advances the stream's `StreamPosition` with it, which is how a resumed run continues at
+the exact record after its last batch even when records were skipped.
 """
 
 from __future__ import annotations

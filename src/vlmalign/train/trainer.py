@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from vlmalign.config import Config
 from vlmalign.data.sample import LoadReport
 from vlmalign.data.sampler import LengthGroupedBatchSampler
-from vlmalign.data.shards import ShardStream
+from vlmalign.data.shards import ShardStream, StreamPosition, rank_position
 from vlmalign.errors import explain_oom
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
@@ -102,13 +102,36 @@ class _Batches:
     def stream(self) -> ShardStream | None:
         return self.trainset.stream
 
-    def skip(self, epoch: int, batches_done: int) -> None:
-        """Resume inside `epoch` after `batches_done` batches (all processes together)."""
+    # A stream's position after the last batch the loop took (this rank), for the checkpoint.
+    position: StreamPosition | None = None
+
+    def skip(self, epoch: int, batches_done: int, saved: dict | None = None) -> None:
+        """Resume inside `epoch` after `batches_done` batches (all processes together); a
+        stream continues from this rank's entry of `saved` (the checkpoint's "stream"
+        record, `stream_record`), exact even after skipped records."""
         if self.stream is None:
             self.sampler.skip_next(batches_done)
-        else:
-            per_rank = batches_done // self.accelerator.num_processes
-            self.stream.skip(per_rank * self.loader.batch_size, epoch=epoch)
+            return
+        acc = self.accelerator
+        position = rank_position(saved, acc.process_index, acc.num_processes, epoch)
+        if position is not None:
+            self.stream.resume(position)
+            return
+        if saved:
+            console.print(f"[yellow]resume: the checkpoint's stream positions (world {saved.get('world')}) do not "
+                          f"apply to rank {acc.process_index} of {acc.num_processes} in epoch {epoch}; continuing "
+                          f"after {batches_done} batches, which repeats or drops records if some were skipped")
+        per_rank = batches_done // acc.num_processes
+        self.stream.skip(per_rank * self.loader.batch_size, epoch=epoch)
+
+    def stream_record(self) -> dict:
+        """{"stream": {"world": n, "ranks": [position dict per rank]}} for the training
+        state, gathered from every rank (collective: call it on all of them); {} for
+        map-style data (its position is `batches_done`)."""
+        if self.stream is None:
+            return {}
+        mine = self.position.as_dict() if self.position is not None else None
+        return {"stream": {"world": self.accelerator.num_processes, "ranks": gather_object([mine])}}
 
     def epoch(self, epoch: int):
         if self.stream is None:
@@ -117,8 +140,10 @@ class _Batches:
             yield from self.loader
             return
         self.stream.set_epoch(epoch)
+        self.position = self.stream.position(self.loader.num_workers)
         for batch in self.loader:
             if not _agree(self.accelerator, False):  # every rank still has a batch
+                self.position.advance(batch["index"].tolist())  # streamed items' index = position
                 yield send_to_device(batch, self.accelerator.device)
             else:
                 return
@@ -216,7 +241,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler,
                                                accelerator=accelerator, module=step_module)
-        batches.skip(state.epoch, state.batches_done)
+        batches.skip(state.epoch, state.batches_done, state.extra.get("stream"))
         console.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     elif latest := checkpoint.find_latest(out_dir):
         console.print(f"[yellow]{out_dir} already holds checkpoints (newest {latest.name}); this run replaces those of the same steps")
@@ -227,7 +252,7 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     def save(extra: dict | None = None) -> Path:
         """The checkpoint of this step: written by the main process, with every rank
         gathering the shards first under FSDP2 / DeepSpeed (train/sharded.py)."""
-        state.extra = (extra or state.extra) | {"nonfinite": guard.state_dict()}
+        state.extra = (extra or state.extra) | {"nonfinite": guard.state_dict()} | batches.stream_record()
         path = out_dir / f"checkpoint-{state.step}"
         if sharded.is_sharded(accelerator):
             checkpoint.save_checkpoint_sharded(accelerator, out_dir, state, step_module, model, objective, optimizer,
