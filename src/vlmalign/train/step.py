@@ -87,7 +87,7 @@ def accumulate_gradients(
             for k, g in enumerate(leaf.grad.split(sizes)):
                 grads[k][key] = g
         logged |= {k: float(v.detach()) for k, v in cparts.items()}
-        logged["loss"] = float(loss)
+        logged["loss"] = float(loss.detach())
 
     ntp_sum = 0.0
     for k, batch in enumerate(batches):
