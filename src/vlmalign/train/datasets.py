@@ -147,11 +147,16 @@ def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text
 def _build_captions(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
     text_states = prepare_text_states(model, objective, [s.caption for s in data.records], data.text_cache, cfg)
     dataset = CaptionDataset(data.records, data.features, text_states, model.preprocess)
-    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
-                               prompt=model.caption_prompt())
+    collator = _caption_collator(model, cfg)
     lengths = [len(collator.caption_ids(s.caption)) for s in data.records]
     collator.truncated = 0  # counted again while training
     return TrainSet(dataset, collator, lengths, lambda: collator.truncated)
+
+
+def _caption_collator(model: VLM, cfg: Config) -> CaptionCollator:
+    """The caption collator of the map-style and the streamed paths alike."""
+    return CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
+                           prompt=model.caption_prompt())
 
 
 def _require_ntp_only(objective: Objective | None) -> None:
@@ -216,8 +221,7 @@ def _stream_captions(model: VLM, objective: Objective | None, cfg: Config, strea
 
     _set_mean_from_stream(model, cfg, lambda s: [s.caption], "captions")
     stream.transform = to_item
-    collator = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
-                               prompt=model.caption_prompt())
+    collator = _caption_collator(model, cfg)
     return TrainSet(stream, collator, [], lambda: collator.truncated, stream=stream)
 
 
