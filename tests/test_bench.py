@@ -21,7 +21,9 @@ from vlmalign.bench import (
     prepare_recipe,
     run_bench,
     saved_activation_bytes,
+    step_alloc_peak_bytes,
     step_flops,
+    storage_bytes,
 )
 
 TINY = ["projector.pool_size=2", "objective.patch_pool=2", "data.long_max_tokens=200"]
@@ -115,7 +117,8 @@ def test_run_bench_returns_the_documented_keys(shapes_root, tmp_path):
         ("align", "optimised"), ("align", "naive"), ("align-clip", "optimised"), ("align-clip", "naive")]
     for row in report["results"]:
         assert set(RESULT_KEYS) <= set(row)
-        for key in ("ms_per_step", "samples_per_s", "mfu", "useful_mfu", "model_gflop", "peak_rss_mb"):
+        for key in ("ms_per_step", "ms_mean", "samples_per_s", "mfu", "useful_mfu", "model_gflop", "peak_alloc_mb",
+                    "peak_rss_mb"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["mode"], key)
         assert 0 <= row["padding_fraction"] < 1
     rows = {(r["recipe"], r["mode"]): r for r in report["results"]}
@@ -125,7 +128,9 @@ def test_run_bench_returns_the_documented_keys(shapes_root, tmp_path):
     assert rows[("align", "optimised")]["padding_fraction"] <= rows[("align", "naive")]["padding_fraction"]
     assert report["peak_gflops"] > 0
     assert {"align-clip/naive_over_optimised_time", "align-clip/optimised_over_align_time",
-            "align/optimised_over_naive_step_mem"} <= set(report["ratios"])
+            "align/optimised_over_naive_step_mem", "align/optimised_over_naive_alloc_peak"} <= set(report["ratios"])
+    # The naive align-clip step keeps full-vocabulary logits and the tower's activations.
+    assert rows[("align-clip", "naive")]["peak_alloc_mb"] > rows[("align-clip", "optimised")]["peak_alloc_mb"]
 
 
 def test_unknown_recipe_names_the_known_ones(shapes_root):
@@ -140,3 +145,40 @@ def test_saved_activation_bytes_counts_what_backward_keeps():
     assert saved_activation_bytes(lambda: (x @ w).sum()) == w.numel() * 4
     # tanh keeps its output [4, 8]; exp keeps its output too: two distinct storages
     assert saved_activation_bytes(lambda: (x.tanh().exp()).sum(), exclude=[w]) == 2 * 4 * 8 * 4
+
+
+def test_every_data_setting_batches_the_same_samples(shapes_root):
+    """With a whole mega-batch of steps, grouped and ungrouped batches (cached features or
+    pixels) hold exactly the same samples: modes are timed on the same tokens."""
+    cfg = bench_config("align-clip", "tiny", "tiny", 4, shapes_root, TINY)
+    setup = prepare_recipe(cfg, 8)
+    seen = {}
+    for key, batches in setup.batches.items():
+        assert len(batches) == 8, key
+        seen[key] = sorted(c for b in batches for c in b["captions"])
+    assert len({tuple(v) for v in seen.values()}) == 1
+    assert len(seen[(True, True)]) == 32
+    pad = {k: sum(int((b["attention_mask"] == 0).sum()) for b in setup.batches[k]) for k in setup.batches}
+    assert pad[(True, True)] <= pad[(True, False)]
+
+
+def test_step_alloc_peak_bytes_is_the_live_tensor_peak():
+    kept = torch.empty(3 << 20, dtype=torch.uint8)  # allocated before: not the step's
+
+    def step():
+        nonlocal kept
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(4 << 20, dtype=torch.uint8)  # 5 MiB live here: the peak
+        del a, b
+        kept = None  # freeing older memory does not lower the step's count below its start
+        c = torch.empty(2 << 20, dtype=torch.uint8)
+        return c
+
+    assert step_alloc_peak_bytes(step) == 5 << 20
+    assert step_alloc_peak_bytes(lambda: None) == 0
+
+
+def test_storage_bytes_counts_each_storage_once():
+    w = torch.zeros(10, 10)
+    assert storage_bytes([w, w[:5], w.t()]) == 400
+    assert storage_bytes([w, torch.zeros(3)]) == 412

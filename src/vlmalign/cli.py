@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--llm", default="smollm2-135m")
     bn.add_argument("--tower", default="efficientnet-lite0")
     bn.add_argument("--batch-size", type=int, default=16)
-    bn.add_argument("--steps", type=int, default=3, help="timed steps per mode (median)")
+    bn.add_argument("--steps", type=int, default=8,
+                    help="timed steps per mode (default 8: a multiple of 8 times every mode on the same samples)")
     bn.add_argument("--warmup", type=int, default=1)
     bn.add_argument("--no-naive", action="store_true", help="skip the naive mode")
     bn.add_argument("--ablate", default="", help="recipes to time with each optimisation off in turn")

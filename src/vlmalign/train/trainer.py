@@ -28,6 +28,7 @@ from vlmalign.data.sample import LoadReport
 from vlmalign.data.sampler import LengthGroupedBatchSampler
 from vlmalign.data.shards import ShardStream, StreamPosition, rank_position
 from vlmalign.errors import explain_oom
+from vlmalign.models import compiled
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
 from vlmalign.train import checkpoint, sharded
@@ -234,6 +235,8 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
         step_module, optimizer = accelerator.prepare(step_module, optimizer)
     # FSDP2 replaces the parameters at prepare(): clip and guard the ones that train now.
     params = [p for p in step_module.parameters() if p.requires_grad]
+    if tc.compile:  # after prepare, as FSDP2 wants; the layers' parameter names do not change
+        console.print(f"compiling {compiled.set_compiled(model.llm, True)} decoder layers (the first steps are slow)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
