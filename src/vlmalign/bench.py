@@ -798,7 +798,7 @@ def _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_si
         row = measure_mode(setup, mode, steps, warmup, peak)
         results.append(row)
         if not quiet:
-            console.print(f"{recipe:>15} {mode:<22} {row['ms_per_step']:8.0f} ms  useful MFU {row['useful_mfu']:.0%}")
+            console.print(f"{recipe:>15} {mode:<22} {row['ms_mean']:8.0f} ms/step  peak alloc {row['peak_alloc_mb']:.0f} MB")
     if recipe == "align" and plain_reference and caption_format != "plain":
         plain = prepare_recipe(cfg, steps, "plain", setup.model, feature_store)
         row = measure_mode(plain, "optimised", steps, warmup, peak)
