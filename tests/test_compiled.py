@@ -23,6 +23,11 @@ def test_set_compiled_switches_the_layers_and_keeps_parameter_names(tiny_model):
         assert all(layer._compiled_call_impl is not None for layer in layers)
         assert torch._dynamo.config.recompile_limit >= 2 * len(layers)
         assert list(llm.state_dict()) == names  # checkpoints do not change
+        first = [layer._compiled_call_impl for layer in layers]
+        compiled.set_compiled(llm, False)
+        assert not compiled.is_compiled(llm)
+        compiled.set_compiled(llm, True)  # back on: the same compiled callables, nothing recompiles
+        assert [layer._compiled_call_impl for layer in layers] == first
     finally:
         compiled.set_compiled(llm, False)
     assert not compiled.is_compiled(llm)

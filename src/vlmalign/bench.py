@@ -40,13 +40,25 @@ A pass that nothing upstream trains (cached text states' forward) has no backwar
   (`matmul_peak_gflops`: 2048^2 x 2048^2 matmuls, best of a few). Contrastive-loss matmuls
   ([B, D] x [D, B]) and elementwise work are not counted (under 0.1% here).
 
-Memory: on CUDA, the peak allocated bytes during the mode, above what was allocated
-before it. On CPU, the process's resident set: the kernel's high-water mark (VmHWM) is
-reset before each mode (`/proc/self/clear_refs`, after `malloc_trim` returns freed heap
-to the system), and `step_mem_mb` = VmHWM after the mode minus VmRSS before it; this is
-the memory the steps add on top of the loaded models. `peak_rss_mb` is the process's
-VmHWM at the end of the mode (weights included). Where the reset is impossible the
-figures fall back to the process-wide `ru_maxrss` and `mem_method` says so.
+Timing: every mode runs `warmup` untimed steps, then `steps` timed ones, on the same
+batches. prepare_recipe batches whole mega-batches of LENGTH_GROUP batches, so with
+`steps` a multiple of LENGTH_GROUP (the default, 8) every mode, length-grouped or not,
+is timed on exactly the same samples; `ms_mean` (their mean) is what the ratios use,
+`ms_per_step` is the median.
+
+Memory:
+- `peak_alloc_mb`: peak tensor memory of a step, weights, gradients, optimizer state and
+  batch included: CUDA's max_memory_allocated over the mode; on CPU the bytes of the
+  tensors live before a step plus the peak of what the step allocates, from the CPU
+  allocator's records (`step_alloc_peak_bytes`). Free of the process's libraries and of
+  malloc's caching: the same quantity on both devices.
+- `step_mem_mb` / `peak_rss_mb` (CPU): the process's resident set. The kernel's
+  high-water mark (VmHWM) is reset before each mode (`/proc/self/clear_refs`, after
+  `malloc_trim` returns freed heap to the system); `step_mem_mb` = VmHWM after the mode
+  minus VmRSS before it (what the steps add on top of the loaded models), `peak_rss_mb`
+  = VmHWM (libraries and weights included). Where the reset is impossible the figures
+  fall back to the process-wide `ru_maxrss` and `mem_method` says so. On CUDA,
+  `step_mem_mb` is the peak allocated above what was allocated before the mode.
 """
 
 from __future__ import annotations
@@ -531,52 +543,94 @@ def _to(batch: dict, device: torch.device) -> dict:
 def measure_mode(setup: RecipeSetup, mode: str, steps: int, warmup: int, peak_gflops: float,
                  threads: int | None = None) -> dict:
     """Time `steps` optimizer steps of `setup` under `mode` after `warmup` untimed ones
-    (on the same batches); one result row."""
-    s = mode_settings(mode)
-    model, objective = setup.model, setup.objective
-    device = model.device
-    timed = [_to(b, device) for b in setup.batches[(s.feature_cache, s.group_by_length)][:steps]]
-    if len(timed) < steps or not steps:
-        raise ValueError(f"{len(timed)} batches prepared for {steps} timed steps; prepare_recipe(cfg, {steps})")
-    # Warm-up steps run on the timed batches themselves: the timed samples stay the same.
-    batches = [timed[i % steps] for i in range(warmup)] + timed
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    max_norm = setup.cfg.train.max_grad_norm
-    model.train()
-    model.llm.eval()  # as the trainer: no dropout in the backbones
-    model.vision.eval()
+    (on the same batches); one result row (`measure_modes` with one mode)."""
+    return measure_modes([(setup, mode)], steps, warmup, peak_gflops, threads)[0]
+
+
+class _ModeRun:
+    """One mode's optimizer, batches and step times while `measure_modes` takes turns."""
+
+    def __init__(self, setup: RecipeSetup, mode: str, steps: int) -> None:
+        self.setup, self.mode, self.s = setup, mode, mode_settings(mode)
+        model, device = setup.model, setup.model.device
+        batches = setup.batches[(self.s.feature_cache, self.s.group_by_length)][:steps]
+        if len(batches) < steps or not steps:
+            raise ValueError(f"{len(batches)} batches prepared for {steps} timed steps; prepare_recipe(cfg, {steps})")
+        self.timed = [_to(b, device) for b in batches]
+        self.params = [p for p in list(model.parameters()) + list(setup.objective.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
+        self.times: list[float] = []
+        self.warm: list[float] = []
+        self.parts: dict[str, float] = {}
+
+    def step(self, batch: dict) -> dict[str, Tensor]:
+        return _step(self.setup.model, self.setup.objective, batch, self.s, self.params, self.optimizer,
+                     self.setup.cfg.train.max_grad_norm)
+
+    def timed_step(self, i: int, warm: bool) -> None:
+        device = self.setup.model.device
+        _sync(device)
+        t = time.perf_counter()
+        parts = self.step(self.timed[i])
+        _sync(device)
+        (self.warm if warm else self.times).append(time.perf_counter() - t)
+        if not self.parts:
+            self.parts = {k: float(v.detach()) for k, v in parts.items() if k.endswith("_loss") or k == "loss"}
+
+
+def measure_modes(runs: list[tuple[RecipeSetup, str]], steps: int, warmup: int, peak_gflops: float,
+                  threads: int | None = None) -> list[dict]:
+    """Time several (setup, mode) pairs taking turns step by step: every mode runs its
+    `warmup` untimed steps, then timed step i runs batch i of each mode in turn, so a
+    drift of the machine's speed during the run (other tenants, the allocator settling)
+    falls on every mode alike; timing modes one after another let later ones look up to
+    25% faster. Memory is measured afterwards, one mode at a time, on each mode's largest
+    batch. One result row per pair, in order."""
+    states = [_ModeRun(setup, mode, steps) for setup, mode in runs]
+    for setup in {id(st.setup): st.setup for st in states}.values():
+        setup.model.train()
+        setup.model.llm.eval()  # as the trainer: no dropout in the backbones
+        setup.model.vision.eval()
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    probe = MemoryProbe(device)
-    probe.start()
-    times, warm, first_parts = [], [], {}
     try:
-        for i, batch in enumerate(batches):
-            _sync(device)
-            t = time.perf_counter()
-            parts = _step(model, objective, batch, s, params, optimizer, max_norm)
-            _sync(device)
-            dt = time.perf_counter() - t
-            if i == 0:
-                first_parts = {k: float(v.detach()) for k, v in parts.items() if k.endswith("_loss") or k == "loss"}
-            (times if i >= warmup else warm).append(dt)
+        for st in states:
+            for i in range(warmup):
+                st.timed_step(i % steps, warm=True)
+        for i in range(steps):
+            for st in states:
+                st.timed_step(i, warm=False)
+        return [_mode_row(st, peak_gflops, threads or old_threads) for st in states]
     finally:
         torch.set_num_threads(old_threads)
-        _restore(model)
+        for st in states:
+            _restore(st.setup.model)
+
+
+def _mode_row(st: _ModeRun, peak_gflops: float, threads: int) -> dict:
+    """The result row of a timed mode, with its memory measured now on its largest batch."""
+    setup, s = st.setup, st.s
+    model, objective = setup.model, setup.objective
+    device = model.device
+    largest = max(st.timed, key=lambda b: _token_counts(b)[1])
+    probe = MemoryProbe(device)
+    probe.start()
+    st.step(largest)
+    _sync(device)
     peak, step_mem = probe.stop()
     weights = [*model.parameters(), *model.buffers(), *objective.parameters()]
     if device.type == "cuda":
         alloc = peak  # max allocated: weights, optimizer state, batch and the step's tensors
     else:
-        live = [*weights, *optimizer_tensors(optimizer), *(v for v in timed[0].values() if isinstance(v, Tensor))]
-        step = lambda: _step(model, objective, timed[0], s, params, optimizer, max_norm)  # noqa: E731
-        alloc = (storage_bytes(live) + step_alloc_peak_bytes(step)) / 2**20
-    saved = saved_activation_bytes(lambda: bench_loss(model, objective, timed[0], s)[0], exclude=weights)
-    optimizer.zero_grad(set_to_none=True)
+        live = [*weights, *optimizer_tensors(st.optimizer), *(v for v in largest.values() if isinstance(v, Tensor))]
+        alloc = (storage_bytes(live) + step_alloc_peak_bytes(lambda: st.step(largest))) / 2**20
+    saved = saved_activation_bytes(lambda: bench_loss(model, objective, largest, s)[0], exclude=weights)
+    st.optimizer.zero_grad(set_to_none=True)
     _restore(model)
+    times, timed = st.times, st.timed
     sec = statistics.median(times)
+    mean = statistics.mean(times)
     shape = LLMShape.of(model)
     side = SideFlops.of(model, timed[0].get("features"), _pixels(setup, timed[0]))
     flops = [step_flops(model, objective, b, s, shape, side) for b in timed]
@@ -586,15 +640,15 @@ def measure_mode(setup: RecipeSetup, mode: str, steps: int, warmup: int, peak_gf
     real, padded = zip(*(_token_counts(b) for b in timed), strict=True)
     bs = setup.cfg.train.batch_size
     return {
-        "recipe": setup.cfg.recipe, "mode": mode, "ms_per_step": 1000 * sec, "ms_mean": 1000 * statistics.mean(times),
-        "ms_all": [round(1000 * t, 1) for t in times], "warmup_ms": [round(1000 * t, 1) for t in warm],
-        "samples_per_s": bs / sec, "trained_tokens_per_s": label_tokens / sec,
-        "tokens_per_s": statistics.mean(real) / sec,
+        "recipe": setup.cfg.recipe, "mode": st.mode, "ms_per_step": 1000 * sec, "ms_mean": 1000 * mean,
+        "ms_all": [round(1000 * t, 1) for t in times], "warmup_ms": [round(1000 * t, 1) for t in st.warm],
+        "samples_per_s": bs / mean, "trained_tokens_per_s": label_tokens / mean,
+        "tokens_per_s": statistics.mean(real) / mean,
         "padding_fraction": 1 - sum(real) / max(sum(padded), 1),
         "model_gflop": executed / 1e9, "useful_gflop": useful / 1e9,
-        "mfu": executed / sec / (peak_gflops * 1e9), "useful_mfu": useful / sec / (peak_gflops * 1e9),
-        "peak_alloc_mb": alloc, "peak_rss_mb": peak, "step_mem_mb": step_mem, "mem_method": probe.method, "saved_mb": saved / 2**20,
-        "threads": threads or old_threads, "losses": first_parts,
+        "mfu": executed / mean / (peak_gflops * 1e9), "useful_mfu": useful / mean / (peak_gflops * 1e9),
+        "peak_alloc_mb": alloc, "peak_rss_mb": peak, "step_mem_mb": step_mem, "mem_method": probe.method,
+        "saved_mb": saved / 2**20, "threads": threads, "losses": st.parts,
     }
 
 
@@ -794,16 +848,17 @@ def _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_si
     setup = prepare_recipe(cfg, steps, caption_format, models.get(key), feature_store)
     models[key] = setup.model.to(device)
     setup.objective.to(device)
-    for mode in modes:
-        row = measure_mode(setup, mode, steps, warmup, peak)
+    runs = [(setup, mode) for mode in modes]
+    if recipe == "align" and plain_reference and caption_format != "plain":
+        runs.append((prepare_recipe(cfg, steps, "plain", setup.model, feature_store), "optimised"))
+    rows = measure_modes(runs, steps, warmup, peak)
+    if len(rows) > len(modes):
+        rows[-1]["mode"] = "optimised-plain"
+    for row in rows:
         results.append(row)
         if not quiet:
-            console.print(f"{recipe:>15} {mode:<22} {row['ms_mean']:8.0f} ms/step  peak alloc {row['peak_alloc_mb']:.0f} MB")
-    if recipe == "align" and plain_reference and caption_format != "plain":
-        plain = prepare_recipe(cfg, steps, "plain", setup.model, feature_store)
-        row = measure_mode(plain, "optimised", steps, warmup, peak)
-        row["mode"] = "optimised-plain"
-        results.append(row)
+            console.print(f"{recipe:>15} {row['mode']:<22} {row['ms_mean']:8.0f} ms/step  "
+                          f"peak alloc {row['peak_alloc_mb']:.0f} MB")
     if i == 0:
         for n in threads:
             row = measure_mode(setup, "optimised", steps, warmup, peak, threads=n)

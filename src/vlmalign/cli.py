@@ -12,7 +12,7 @@
     vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
-    vlmalign bench --recipes align,align-clip --steps 5
+    vlmalign bench --recipes align,align-clip --steps 8
     vlmalign config show align-cg train.lr=5e-4
     vlmalign baseline clip align-clip train.max_steps=40
     vlmalign experiment [--quick] data-efficiency

@@ -30,13 +30,17 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
 
 def set_compiled(llm: nn.Module, on: bool) -> int:
     """Compile every decoder layer of `llm` (on) or go back to eager (off); returns the
-    number of layers. Switching back on reuses what Dynamo already compiled."""
+    number of layers. Switching back on reuses the compiled callables (and so what Dynamo
+    already compiled), so modes can alternate step by step."""
     layers = decoder_layers(llm)
     for layer in layers:
-        if on:
-            layer.compile(dynamic=True)
-        else:
+        if not on:
             layer._compiled_call_impl = None  # what nn.Module.compile set; eager again
+        elif (fn := layer.__dict__.get("_vlmalign_compiled")) is not None:
+            layer._compiled_call_impl = fn  # the same compiled callable: no recompilation
+        else:
+            layer.compile(dynamic=True)
+            layer._vlmalign_compiled = layer._compiled_call_impl
     if on:
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 2 * len(layers) + 8)
