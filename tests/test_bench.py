@@ -18,6 +18,7 @@ from vlmalign.bench import (
     bench_config,
     bench_loss,
     counted_flops,
+    measure_modes,
     prepare_recipe,
     run_bench,
     saved_activation_bytes,
@@ -182,3 +183,22 @@ def test_storage_bytes_counts_each_storage_once():
     w = torch.zeros(10, 10)
     assert storage_bytes([w, w[:5], w.t()]) == 400
     assert storage_bytes([w, torch.zeros(3)]) == 412
+
+
+def test_recipes_sharing_a_model_take_turns_in_their_own_state(shapes_root):
+    """measure_modes alternates recipes on one model: each step runs under its recipe's
+    config and trainable parameters (RecipeSetup.activate), as if timed alone."""
+    align = prepare_recipe(bench_config("align", "tiny", "tiny", 4, shapes_root, TINY), 1)
+    frozen = prepare_recipe(bench_config("align-clip", "tiny", "tiny", 4, shapes_root, TINY + ["projector.frozen=true"]),
+                            1, model=align.model)
+    model = align.model
+    assert model.cfg is frozen.cfg and not any(p.requires_grad for p in model.projector.parameters())
+    align.activate()
+    assert model.cfg is align.cfg and all(p.requires_grad for p in model.projector.parameters())
+    expected = bench_loss(model, align.objective, align.batches[(True, True)][0], OPTIMISED)[1]["loss"]
+    before = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    rows = measure_modes([(frozen, "optimised"), (align, "optimised")], 1, 0, 100.0)
+    assert [r["recipe"] for r in rows] == ["align-clip", "align"]
+    assert rows[1]["losses"]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    # align's steps trained the projector; align-clip's (projector frozen) could not
+    assert any(not torch.equal(before[n], p) for n, p in model.projector.named_parameters())

@@ -486,6 +486,20 @@ class RecipeSetup:
     model: VLM
     objective: Objective
     batches: dict[tuple[bool, bool], list[dict]]  # (feature_cache, group_by_length) -> batches
+    trainable: tuple[bool, ...] = ()  # requires_grad of model.parameters() under this recipe
+    caption_format: str = "prompted"
+
+    def activate(self) -> None:
+        """Put the (possibly shared) model in this recipe's state: its config and which
+        parameters train. The prompt prefixes are rebuilt only when the prompts differ."""
+        model = self.model
+        if model.cfg is not self.cfg:
+            if model.cfg.embedding != self.cfg.embedding:
+                model.set_config(self.cfg)
+            else:
+                model.cfg = self.cfg
+            for p, on in zip(model.parameters(), self.trainable, strict=True):
+                p.requires_grad_(on)
 
 
 def bench_config(recipe: str, llm: str, tower: str, batch_size: int, data_root: str | Path | None,
@@ -532,7 +546,8 @@ def prepare_recipe(cfg: Config, n_batches: int, caption_format: str = "prompted"
             sampler = LengthGroupedBatchSampler(lengths, bs, seed=seed, group=LENGTH_GROUP if grouped else 1)
             order = list(sampler)  # all of the records: every data setting batches the same samples
             batches[(feature_cache, grouped)] = [trainset.collator([trainset.dataset[i] for i in idx]) for idx in order]
-    return RecipeSetup(cfg, model, objective, batches)
+    return RecipeSetup(cfg, model, objective, batches, tuple(p.requires_grad for p in model.parameters()),
+                       caption_format)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -557,6 +572,7 @@ class _ModeRun:
         if len(batches) < steps or not steps:
             raise ValueError(f"{len(batches)} batches prepared for {steps} timed steps; prepare_recipe(cfg, {steps})")
         self.timed = [_to(b, device) for b in batches]
+        setup.activate()
         self.params = [p for p in list(model.parameters()) + list(setup.objective.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
         self.times: list[float] = []
@@ -564,6 +580,7 @@ class _ModeRun:
         self.parts: dict[str, float] = {}
 
     def step(self, batch: dict) -> dict[str, Tensor]:
+        self.setup.activate()
         return _step(self.setup.model, self.setup.objective, batch, self.s, self.params, self.optimizer,
                      self.setup.cfg.train.max_grad_norm)
 
@@ -584,8 +601,9 @@ def measure_modes(runs: list[tuple[RecipeSetup, str]], steps: int, warmup: int, 
     `warmup` untimed steps, then timed step i runs batch i of each mode in turn, so a
     drift of the machine's speed during the run (other tenants, the allocator settling)
     falls on every mode alike; timing modes one after another let later ones look up to
-    25% faster. Memory is measured afterwards, one mode at a time, on each mode's largest
-    batch. One result row per pair, in order."""
+    25% faster. Setups may be different recipes on one shared model (`RecipeSetup.activate`
+    switches it). Memory is measured afterwards, one mode at a time, on each mode's
+    largest batch. One result row per pair, in order."""
     states = [_ModeRun(setup, mode, steps) for setup, mode in runs]
     for setup in {id(st.setup): st.setup for st in states}.values():
         setup.model.train()
@@ -611,6 +629,7 @@ def measure_modes(runs: list[tuple[RecipeSetup, str]], steps: int, warmup: int, 
 def _mode_row(st: _ModeRun, peak_gflops: float, threads: int) -> dict:
     """The result row of a timed mode, with its memory measured now on its largest batch."""
     setup, s = st.setup, st.s
+    setup.activate()
     model, objective = setup.model, setup.objective
     device = model.device
     largest = max(st.timed, key=lambda b: _token_counts(b)[1])
@@ -806,13 +825,38 @@ def run_bench(
     results: list[dict] = []
     models: dict[tuple, VLM] = {}
     errors: list[dict] = []
-    for i, recipe in enumerate(recipes):
+    # Recipes on one shared model (same LoRA setting) are timed together, step by step in
+    # turn, so the joint / NTP-only ratios compare steps taken side by side.
+    groups: dict[tuple, list[tuple[RecipeSetup, str]]] = {}
+    for recipe in recipes:
         try:
-            _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_size, steps, warmup, naive,
-                          ablate, threads, caption_format, data_root, overrides, feature_store, plain_reference, quiet)
+            key, runs = _recipe_runs(recipe, models, device, llm, tower, batch_size, steps, naive, ablate,
+                                     caption_format, data_root, overrides, feature_store, plain_reference)
+            groups.setdefault(key, []).extend(runs)
         except Exception as e:  # one broken recipe (data, model) must not lose the others' figures
             errors.append({"recipe": recipe, "error": f"{type(e).__name__}: {e}"})
             console.print(f"[yellow]bench: {recipe} failed ({type(e).__name__}: {e}); continuing")
+    for runs in groups.values():
+        try:
+            rows = measure_modes(runs, steps, warmup, peak)
+        except Exception as e:
+            for recipe in dict.fromkeys(setup.cfg.recipe for setup, _ in runs):
+                errors.append({"recipe": recipe, "error": f"{type(e).__name__}: {e}"})
+            console.print(f"[yellow]bench: timing failed ({type(e).__name__}: {e}); continuing")
+            continue
+        for (setup, mode), row in zip(runs, rows, strict=True):
+            row["mode"] = mode if setup.caption_format != "plain" or caption_format == "plain" else "optimised-plain"
+            results.append(row)
+            if not quiet:
+                console.print(f"{row['recipe']:>15} {row['mode']:<22} {row['ms_mean']:8.0f} ms/step  "
+                              f"peak alloc {row['peak_alloc_mb']:.0f} MB")
+    if threads and groups:
+        first = next(iter(groups.values()))[0][0]
+        for n in threads:
+            row = measure_mode(first, "optimised", steps, warmup, peak, threads=n)
+            row["mode"] = f"optimised-threads{n}"
+            results.append(row)
+    results.sort(key=lambda r: recipes.index(r["recipe"]))  # stable: modes keep their order
     # The peak again at the end; MFU is against the higher of the two (a conservative MFU).
     peak_end = matmul_peak_gflops(device=device)
     peak = max(peak_start, peak_end)
@@ -839,9 +883,10 @@ def run_bench(
     return report
 
 
-def _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_size, steps, warmup, naive, ablate,
-                  threads, caption_format, data_root, overrides, feature_store, plain_reference, quiet) -> None:
-    """All rows of one recipe, appended to `results` (run_bench's loop body)."""
+def _recipe_runs(recipe, models, device, llm, tower, batch_size, steps, naive, ablate, caption_format, data_root,
+                 overrides, feature_store, plain_reference) -> tuple[tuple, list[tuple[RecipeSetup, str]]]:
+    """(shared-model key, the (setup, mode) pairs to time) of one recipe: its optimised
+    mode, naive, ablations, and align on plain captions with `plain_reference`."""
     cfg = bench_config(recipe, llm, tower, batch_size, data_root, overrides)
     key = (cfg.lora.enabled, tuple(cfg.lora.target_modules), cfg.lora.r)
     modes = ["optimised"] + (["naive"] if naive else []) + (list(ablations()) if recipe in ablate else [])
@@ -851,19 +896,7 @@ def _bench_recipe(recipe, i, results, models, device, peak, llm, tower, batch_si
     runs = [(setup, mode) for mode in modes]
     if recipe == "align" and plain_reference and caption_format != "plain":
         runs.append((prepare_recipe(cfg, steps, "plain", setup.model, feature_store), "optimised"))
-    rows = measure_modes(runs, steps, warmup, peak)
-    if len(rows) > len(modes):
-        rows[-1]["mode"] = "optimised-plain"
-    for row in rows:
-        results.append(row)
-        if not quiet:
-            console.print(f"{recipe:>15} {row['mode']:<22} {row['ms_mean']:8.0f} ms/step  "
-                          f"peak alloc {row['peak_alloc_mb']:.0f} MB")
-    if i == 0:
-        for n in threads:
-            row = measure_mode(setup, "optimised", steps, warmup, peak, threads=n)
-            row["mode"] = f"optimised-threads{n}"
-            results.append(row)
+    return key, runs
 
 
 def bench_ratios(results: list[dict]) -> dict[str, float]:
