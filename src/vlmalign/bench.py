@@ -872,7 +872,7 @@ def run_bench(
         "wall_s": time.perf_counter() - t0, "results": results, "ratios": bench_ratios(results), "errors": errors,
     }
     if not quiet:
-        wide = Console(width=max(console.width, 150)) if not console.is_terminal else console
+        wide = Console(width=max(console.width, 200)) if not console.is_terminal else console
         wide.print(bench_table(report))
     if out is not None:
         out = Path(out)

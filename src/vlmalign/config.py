@@ -207,9 +207,9 @@ class TrainConfig:
     feature_cache_dir: str = ""
     # Precompute text embeddings when nothing on the text path trains.
     cache_text_embeddings: bool = True
-    # torch.compile the LLM's decoder layers (models/compiled.py). Off: on the 2-core CPU
-    # it compiles for minutes and the step was not faster (benchmarks/README.md); try it
-    # on GPUs with `vlmalign bench --ablate RECIPE` (the `compile` row).
+    # torch.compile the LLM's decoder layers (models/compiled.py). Off by default: on the
+    # 2-core CPU it compiles for 3-6 minutes for ~10% faster steps, a gain only after
+    # ~600+ steps (benchmarks/README.md); `vlmalign bench --ablate RECIPE` measures it.
     compile: bool = False
     # "no" (fp32), "bf16" (GPUs that support it) or "fp16"; "" takes the launcher's
     # setting (`accelerate launch --mixed_precision` or its config file), fp32 by default.

@@ -7,9 +7,10 @@ key/value cache, so Dynamo specialises each layer once: the recompile limit is r
 the layer count (plus a margin) instead of falling back to eager after eight layers.
 
 Whether it pays is a matter of measurement (`vlmalign bench --ablate RECIPE` times the
-`compile` mode against the optimised one): on GPUs inductor fuses the norms, rotary
-embeddings and activations; on the 2-core CPU here it compiles for minutes and is off by
-default (benchmarks/README.md).
+`compile` mode against the optimised one): inductor fuses the norms, rotary embeddings
+and activations. On the 2-core CPU here the first step compiles for 3-6 minutes and later
+steps are ~10% faster, so it is off by default and worth it for long runs only
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
