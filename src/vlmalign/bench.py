@@ -633,17 +633,17 @@ def _mode_row(st: _ModeRun, peak_gflops: float, threads: int) -> dict:
     model, objective = setup.model, setup.objective
     device = model.device
     largest = max(st.timed, key=lambda b: _token_counts(b)[1])
+    weights = [*model.parameters(), *model.buffers(), *objective.parameters()]
+    live = [*weights, *optimizer_tensors(st.optimizer), *(v for v in largest.values() if isinstance(v, Tensor))]
     probe = MemoryProbe(device)
-    probe.start()
-    st.step(largest)
+    probe.start()  # one step gives the resident-set figures and (CPU) the allocator's peak
+    step_peak = 0 if device.type == "cuda" else step_alloc_peak_bytes(lambda: st.step(largest))
+    if device.type == "cuda":
+        st.step(largest)
     _sync(device)
     peak, step_mem = probe.stop()
-    weights = [*model.parameters(), *model.buffers(), *objective.parameters()]
-    if device.type == "cuda":
-        alloc = peak  # max allocated: weights, optimizer state, batch and the step's tensors
-    else:
-        live = [*weights, *optimizer_tensors(st.optimizer), *(v for v in largest.values() if isinstance(v, Tensor))]
-        alloc = (storage_bytes(live) + step_alloc_peak_bytes(lambda: st.step(largest))) / 2**20
+    # CUDA: max allocated (weights, optimizer state, batch and the step's tensors)
+    alloc = peak if device.type == "cuda" else (storage_bytes(live) + step_peak) / 2**20
     saved = saved_activation_bytes(lambda: bench_loss(model, objective, largest, s)[0], exclude=weights)
     st.optimizer.zero_grad(set_to_none=True)
     _restore(model)
