@@ -172,6 +172,16 @@ class DataConfig:
     max_skip_fraction: float = 0.5
     # Image paths in data files must stay inside the data root unless this is on.
     allow_outside_root: bool = False
+    # Benchmarks for the evaluation, by any name (relative to `root` or absolute): a
+    # Karpathy-split JSON (COCO / Flickr30k retrieval) and a zero-shot folder
+    # (`<class>/<image>`). "" uses the shapes layout's files when training on `shapes`.
+    karpathy_file: str = ""
+    zeroshot_dir: str = ""
+    # With `train_file` set and no `eval_file`: this seeded share of the training file's
+    # records (at most `heldout_max`) is held out of training and evaluated on.
+    heldout_fraction: float = 0.1
+    heldout_max: int = 1000
+    heldout_seed: int = 0
 
 
 @dataclass
@@ -225,6 +235,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Which evaluations run (after training and in `vlmalign eval`); each also needs its
+    # file (see DataConfig), and is skipped with a line naming the file otherwise.
+    retrieval: bool = True  # held-out pairs: retrieval, modality gap, held-out NTP loss
+    compositional: bool = True  # SugarCrepe-style items (data.compositional_file)
+    karpathy: bool = True  # data.karpathy_file
+    zeroshot: bool = True  # data.zeroshot_dir
+    mcq: bool = True  # multiple choice, recipes that evaluate it (data.mcq_file)
+
+
+@dataclass
 class Config:
     recipe: str = "align"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -235,6 +256,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
