@@ -2,7 +2,7 @@
 
 Each loss states its formula and its paper, does its own shift or normalisation contract,
 and returns a dict of named parts (``{"clip_loss": ...}``); `objective.py` weights and sums
-them. Cross-rank negatives come from one helper, `gather_with_grad`.
+them. Cross-rank negatives come from one helper, `dist.gather_with_grad` (torch only).
 
 [Contract] Distributed losses assume every rank holds the same local batch size B (as
 ``all_gather`` requires) and follow open_clip's ``--gather-with-grad --local-loss``: each
@@ -14,40 +14,18 @@ rank scores its local rows against the gathered global batch, labels offset by
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from vlmalign.dist import gather_with_grad, world_and_rank
 
 # Floor on vector norms before dividing; large enough to stay non-zero in fp16.
 _EPS = 1e-6
 
 
-def _world_and_rank() -> tuple[int, int]:
-    """(world size, rank) of the default process group; (1, 0) when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather ``x`` [B, ...] from every rank, keeping autograd, concatenated on dim 0.
-
-    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients
-    of each rank's slice back onto its owner (open_clip's ``gather_with_grad``). Returns
-    [world * B, ...], rank r's rows at ``r * B : (r + 1) * B``. Identity when
-    torch.distributed is not initialised or the world size is 1.
-    """
-    world, _ = _world_and_rank()
-    if world == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)  # [world * B, ...]
-
-
 def _targets(batch: int, gather: bool, device: torch.device) -> Tensor:
     """Column of each local row's positive: arange(B) + rank * B when gathering. [B]"""
-    rank = _world_and_rank()[1] if gather else 0
+    rank = world_and_rank()[1] if gather else 0
     return torch.arange(batch, device=device) + rank * batch
 
 
@@ -178,6 +156,34 @@ def next_token_loss(
     # (a mean over zero rows would be NaN). Avoids a device sync on N.
     loss = linear_cross_entropy(h, head_weight, head_bias, targets, logit_softcap) / n_tokens.clamp(min=1)
     return {"ntp_loss": loss, "ntp_tokens": n_tokens}
+
+
+def full_vocab_next_token_loss(
+    hidden: Tensor,
+    labels: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None = None,
+    logit_softcap: float | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """The same causal next-token cross-entropy as `next_token_loss`, computed as an HF
+    causal LM with ``labels`` does: logits z = hidden @ W^T (+ bias, softcapped when
+    ``logit_softcap`` is set) on EVERY position, [B, T, V], then the shifted mean
+    cross-entropy over labels != ignore_index. Slower and heavier (the head runs on prompt,
+    image and padding positions, and the logits are kept for backward); the step uses it
+    when ``objective.head_at_labels`` is off, which is how `vlmalign bench` measures what
+    the label-only head saves.
+
+    hidden [B, T, D]; labels [B, T] unshifted. Returns {"ntp_loss", "ntp_tokens"}.
+    """
+    logits = F.linear(hidden, head_weight, head_bias).float()  # [B, T, V]
+    if logit_softcap:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    shift = labels[:, 1:]
+    n_tokens = (shift != ignore_index).sum()
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
+                            ignore_index=ignore_index, reduction="sum")
+    return {"ntp_loss": total / n_tokens.clamp(min=1), "ntp_tokens": n_tokens}
 
 
 def clip_loss(
