@@ -20,9 +20,14 @@ from torch.utils.data import Dataset
 
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import Sample
-from vlmalign.models.prompts import leading_special_ids
+from vlmalign.models.prompts import (
+    CAPTION_FORMATS,
+    IGNORE_INDEX,
+    CaptionPrompt,
+    leading_special_ids,
+)
 
-IGNORE_INDEX = -100
+__all__ = ["CAPTION_FORMATS", "IGNORE_INDEX", "CaptionCollator", "CaptionDataset", "CaptionPrompt"]
 
 
 class CaptionDataset(Dataset):
@@ -58,20 +63,6 @@ class CaptionDataset(Dataset):
         if self.text_states is not None:
             item["text_state"] = self.text_states[i]
         return item
-
-
-CAPTION_FORMATS = ("plain", "prompted")
-
-
-@dataclass(frozen=True)
-class CaptionPrompt:
-    """Token ids around the visual tokens in the "prompted" caption format: `before`
-    (chat head + template text before `<image>`) and `after` (template text after it + the
-    chat tail up to the generation prompt). `VLM.caption_prompt()` builds it from the image
-    embedding template, so the caption continues exactly the image embedding prompt."""
-
-    before: tuple[int, ...]
-    after: tuple[int, ...]
 
 
 @dataclass

@@ -14,6 +14,22 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 SENTENCE_MARK = "<sent>"
+# Label of positions that train nothing (prompt, image, padding): HF's ignore index.
+IGNORE_INDEX = -100
+# Caption sequences: "plain" `[<image> x Q] caption <eos>` (LLaVA stage 1), or "prompted"
+# (the caption continues the image embedding prompt; `CaptionPrompt`).
+CAPTION_FORMATS = ("plain", "prompted")
+
+
+@dataclass(frozen=True)
+class CaptionPrompt:
+    """Token ids around the visual tokens in the "prompted" caption format: `before`
+    (chat head + template text before `<image>`) and `after` (template text after it + the
+    chat tail up to the generation prompt). `VLM.caption_prompt()` builds it from the image
+    embedding template, so the caption continues exactly the image embedding prompt."""
+
+    before: tuple[int, ...]
+    after: tuple[int, ...]
 
 
 def render_prompt(
