@@ -23,7 +23,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
     """A 96-sample shapes dataset written once per test session."""
-    from vlmalign.data.shapes import write_shapes
+    from vlmalign.data.shapes_writer import write_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, 96, seed=0)

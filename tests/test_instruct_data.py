@@ -25,10 +25,9 @@ from vlmalign.data.shapes import (
     SHAPES,
     Scene,
     ShapeObject,
-    ensure_shapes,
     generate_shapes,
-    write_shapes,
 )
+from vlmalign.data.shapes_writer import ensure_shapes, write_shapes
 
 
 def obj(colour: str, shape: str, size: str, x0: int, y0: int, side: int) -> ShapeObject:

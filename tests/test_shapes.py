@@ -17,11 +17,10 @@ from vlmalign.data.shapes import (
     NEGATIVE_CATEGORIES,
     SHAPES,
     ShapeObject,
-    ensure_shapes,
     generate_shapes,
     relation_between,
-    write_shapes,
 )
+from vlmalign.data.shapes_writer import ensure_shapes, write_shapes
 
 N = 100
 SPLITS = ("train", "val", "test")

@@ -75,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from vlmalign.data.shapes import write_shapes
+    from vlmalign.data.shapes_writer import write_shapes
 
     meta = write_shapes(args.out, args.n, seed=args.seed)
     console.print(f"wrote shapes to {args.out}: {meta.get('counts', meta)}")

@@ -38,7 +38,7 @@ def ensure_data(cfg: DataConfig) -> Path:
                 "folder in the shapes layout, data.train_file to a captions JSONL, or "
                 "data.generate_shapes=true"
             )
-        from vlmalign.data.shapes import write_shapes
+        from vlmalign.data.shapes_writer import write_shapes
 
         log.info("writing the shapes dataset (n=%d, seed=%d) to %s", cfg.shapes_n, cfg.shapes_seed, root)
         write_shapes(root, cfg.shapes_n, seed=cfg.shapes_seed)
