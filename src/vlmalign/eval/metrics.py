@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlmalign.eval.ranking import DEFAULT_BLOCK_ELEMENTS, retrieval_ranks
+
 __all__ = [
     "retrieval_metrics",
     "compositional_accuracy",
@@ -71,11 +73,12 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def retrieval_metrics(
-    sim: Tensor,
+    sim: Tensor | tuple[Tensor, Tensor],
     text_to_image: Sequence[int] | Tensor,
     ks: Sequence[int] = (1, 5, 10),
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> dict[str, float]:
-    """Image->text and text->image Recall@K (%) from a similarity matrix.
+    """Image->text and text->image Recall@K (%) from a similarity matrix or embeddings.
 
     Standard protocol for COCO / Flickr30k Karpathy splits (several captions per image,
     as in Karpathy & Fei-Fei 2015, VSE++, CLIP):
@@ -88,26 +91,44 @@ def retrieval_metrics(
     A hit at K means rank < K. Ties with a wrong item count against the correct one (see
     the module docstring); ties among an image's own captions do not matter.
 
+    Memory stays bounded (`eval.ranking.retrieval_ranks`): scores are visited in tiles of
+    at most `max_block_elements` with a running top-max(ks). Pass the embeddings
+    `(image_emb, text_emb)` rather than their product and the [N_img, N_txt] matrix is
+    never built (COCO-5k: 5,000 x 25,000 scores, 500 MB in float32).
+
     Args:
-        sim: ``[N_img, N_txt]`` similarity (higher = more similar), any float dtype/device.
+        sim: ``[N_img, N_txt]`` similarity (higher = more similar), any float dtype/device;
+            or ``(image_emb [N_img, D], text_emb [N_txt, D])`` standing for
+            ``image_emb @ text_emb.T``, scored in float32 on their device.
         text_to_image: ``[N_txt]`` index of the image that caption j describes.
         ks: the cut-offs K.
+        max_block_elements: scores per tile.
 
     Returns:
         ``{"i2t_R@1": ..., "i2t_R@5": ..., ..., "t2i_R@1": ..., ...}`` in percent.
     """
-    # float32 is enough to compare scores and halves the memory of a 5k x 25k COCO matrix
-    sim = _as_float_tensor(sim, "sim", ndim=2, dtype=torch.float32)  # [N_img, N_txt]
-    n_img, n_txt = sim.shape
+    if isinstance(sim, tuple | list):
+        if len(sim) != 2:
+            raise ValueError(f"sim as embeddings is a pair (image_emb, text_emb), got {len(sim)} items")
+        img = torch.as_tensor(sim[0]).detach()
+        txt = torch.as_tensor(sim[1]).detach()
+        for name, x in (("image_emb", img), ("text_emb", txt)):
+            if x.ndim != 2:
+                raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+            if torch.isnan(x).any():
+                raise ValueError(f"{name} contains NaN; NaN cannot be ranked. Check the model outputs.")
+        sim = (img, txt)
+        n_img, n_txt = img.shape[0], txt.shape[0]
+    else:
+        # float32 is enough to compare scores and halves the memory of a 5k x 25k COCO matrix
+        sim = _as_float_tensor(sim, "sim", ndim=2, dtype=torch.float32)  # [N_img, N_txt]
+        n_img, n_txt = sim.shape
     if n_img == 0 or n_txt == 0:
-        raise ValueError(f"sim is empty (shape {tuple(sim.shape)}); nothing to evaluate")
+        raise ValueError(f"sim is empty (shape ({n_img}, {n_txt})); nothing to evaluate")
     ks = _check_ks(ks)
     t2i = _as_index_tensor(text_to_image, "text_to_image", length=n_txt, upper=n_img)
 
-    # [N_img, N_txt] True where caption j belongs to image i
-    is_match = torch.zeros(n_img, n_txt, dtype=torch.bool)
-    is_match[t2i, torch.arange(n_txt)] = True
-    captions_per_image = is_match.sum(dim=1)  # [N_img]
+    captions_per_image = torch.bincount(t2i, minlength=n_img)  # [N_img]
     if bool((captions_per_image == 0).any()):
         missing = torch.nonzero(captions_per_image == 0).flatten()[:10].tolist()
         raise ValueError(
@@ -116,13 +137,7 @@ def retrieval_metrics(
             "Drop those rows from sim or add their captions."
         )
 
-    # image->text: best score among the image's own captions, then count wrong captions >= it
-    best_match = sim.masked_fill(~is_match, float("-inf")).amax(dim=1)  # [N_img]
-    i2t_rank = ((sim >= best_match[:, None]) & ~is_match).sum(dim=1)  # [N_img]
-
-    # text->image: score of the correct image, count other images >= it (minus itself)
-    correct = sim[t2i, torch.arange(n_txt)]  # [N_txt]
-    t2i_rank = (sim >= correct[None, :]).sum(dim=0) - 1  # [N_txt]
+    i2t_rank, t2i_rank = retrieval_ranks(sim, t2i, max_rank=max(ks), max_block_elements=max_block_elements)
 
     out: dict[str, float] = {}
     for k in ks:
