@@ -47,30 +47,66 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_skip_fraction is not None:
         overrides.append(f"data.max_skip_fraction={args.max_skip_fraction}")
     cfg = load_config(recipe_config(args.config), overrides)
-    result = train(cfg)
-    console.print(f"checkpoint: {result.checkpoint}")
-    if cfg.train.eval_at_end and PartialState().is_main_process:
-        from vlmalign.eval.run import evaluate_run
+    if not cfg.data.shards:
+        _check_training_data(cfg)  # a misspelt path fails here, before anything is written
+    from vlmalign.train.rundir import RunLock, provenance, write_provenance
 
-        evaluate_run(result.model, cfg, result.checkpoint, result.history, training=result.data_report)
+    with RunLock(cfg.train.out_dir):
+        if PartialState().is_main_process:
+            write_provenance(cfg.train.out_dir, provenance(cfg))
+        result = train(cfg)
+        console.print(f"checkpoint: {result.checkpoint}")
+        if cfg.train.eval_at_end and PartialState().is_main_process:
+            from vlmalign.eval.run import evaluate_run
+
+            evaluate_run(result.model, cfg, result.checkpoint, result.history, training=result.data_report)
     return 0
+
+
+def _check_training_data(cfg) -> None:
+    """Check the files the config names (and write `shapes` when the run asks for it, into
+    a new or empty folder only); announce a held-out split of the user's training file."""
+    from pathlib import Path
+
+    from vlmalign.data.splits import ensure_data, holds_out
+
+    ensure_data(cfg.data)
+    if holds_out(cfg.data) and cfg.train.eval_at_end:
+        d = cfg.data
+        console.print(f"evaluation data: no data.eval_file, so {d.heldout_fraction:.0%} of the records of "
+                      f"data.train_file={d.train_file} (at most {d.heldout_max}, seed {d.heldout_seed}) are held out "
+                      f"of training and evaluated on; their list goes to {Path(cfg.train.out_dir) / 'heldout.jsonl'}",
+                      highlight=False)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from vlmalign.eval.run import evaluate_run
+    from vlmalign.eval.run import default_eval_dir, evaluate_run
     from vlmalign.inference import load_checkpoint, resolve_checkpoint
     from vlmalign.train.checkpoint import MANIFEST_NAME, verify_checkpoint
+    from vlmalign.train.rundir import provenance_differences, read_provenance
 
     path = resolve_checkpoint(args.checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint folder or a run folder")
+    out = Path(args.out) if args.out else default_eval_dir(path)
+    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
+        console.print(f"[red]eval:[/] --out {out} is inside the checkpoint {path}, which evaluation never writes; "
+                      "give a folder outside it")
+        return 2
     if (path / MANIFEST_NAME).exists():
         verify_checkpoint(path)
+    record = read_provenance(path)
+    if record is not None and (changed := provenance_differences(record)):
+        console.print(f"[yellow]warning:[/] {path} was made with other versions: {'; '.join(changed)}; "
+                      "results may differ from the run's own evaluation", highlight=False)
     model = load_checkpoint(path, args.overrides)
     history_file = Path(path).parent / "history.jsonl"
     history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else None
-    evaluate_run(model, model.cfg, path, history, captions=args.caption)
+    evaluate_run(model, model.cfg, path, history, captions=args.caption, out_dir=out)
+    console.print(f"evaluation written to {out}")
     return 0
 
 
@@ -206,13 +242,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from vlmalign.inference import load_checkpoint, read_index, search
+    from vlmalign.search_index import DEFAULT_NPROBE, EXACT_MAX_VECTORS, cached_index
 
     index, names, meta = read_index(args.index)
     if meta.get("kind") != "image":
         console.print(f"[red]search:[/] {args.index} holds {meta.get('kind')} embeddings; index images with `vlmalign embed --images`")
         return 2
     model = load_checkpoint(args.checkpoint)
-    for rank, (name, score) in enumerate(search(model, index, names, args.query, args.top), start=1):
+    exact_max = EXACT_MAX_VECTORS if args.exact_max is None else args.exact_max
+    nprobe = DEFAULT_NPROBE if args.nprobe is None else args.nprobe
+    found = cached_index(index, args.index, args.method, exact_max, nprobe)  # FAISS kept in <index>.faiss
+    print(f"{found.kind} search over {found.ntotal} images", file=sys.stderr)
+    for rank, (name, score) in enumerate(search(model, found, names, args.query, args.top), start=1):
         print(f"{rank:2d}. {score:.3f}  {name}")  # plain: paths must not wrap
     return 0
 
@@ -241,8 +282,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name == "vladva":
         from vlmalign.experiments.vladva import run_vladva
 
-        seed = args.seeds[0] if args.seeds else 0
-        run_vladva(out=args.out or "runs/vladva", quick=args.quick, seed=seed, extra=args.overrides)
+        run_vladva(out=args.out or "runs/vladva", quick=args.quick, seeds=args.seeds, extra=args.overrides,
+                   command=_command_line())
         return 0
     if args.name == "prompts":
         from vlmalign.experiments.prompts import run_prompts
@@ -254,6 +295,13 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency, vladva, prompts")
     return 2
+
+
+def _command_line() -> str:
+    """The command as typed, for an experiment's report."""
+    import shlex
+
+    return " ".join(["vlmalign", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -279,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/coco")
     e.add_argument("--caption", action="store_true", help="also score generated captions (CIDEr, BLEU; the caption extra)")
+    e.add_argument("--out", default=None,
+                   help="folder for metrics.json, plots and logs (default: eval-<checkpoint> beside the checkpoint; "
+                        "the checkpoint folder is never written)")
     e.set_defaults(fn=_cmd_eval)
 
     d = sub.add_parser("data", help="write, check and shard datasets")
@@ -343,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--checkpoint", required=True)
     se.add_argument("--index", required=True, help="a file written by `vlmalign embed --images`")
     se.add_argument("--top", type=int, default=5)
+    se.add_argument("--method", choices=["auto", "exact", "faiss"], default="auto",
+                    help="auto: exact up to --exact-max images, FAISS IVF above (kept in INDEX.faiss)")
+    se.add_argument("--exact-max", type=int, default=None,
+                    help="largest index searched exactly by auto (default: search_index.EXACT_MAX_VECTORS)")
+    se.add_argument("--nprobe", type=int, default=None,
+                    help="IVF lists searched per query, recall vs time (default: search_index.DEFAULT_NPROBE)")
     se.set_defaults(fn=_cmd_search)
 
     bn = sub.add_parser("bench", help="time one training step per recipe, optimised vs naive (ms, samples/s, memory, MFU)")
@@ -422,10 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     from vlmalign.models.registry import UnknownIdError
     from vlmalign.train.checkpoint import CheckpointError
     from vlmalign.train.guard import NonFiniteError
+    from vlmalign.train.rundir import RunLockedError
     from vlmalign.train.trainer import TrainingInterrupted
 
     try:
         return args.fn(args)
+    except RunLockedError as e:
+        console.print(f"[red]run folder in use:[/] {e}", highlight=False)
+        return 2
     except (ConfigError, UnknownIdError) as e:
         console.print(f"[red]config error:[/] {e}")
         return 2
@@ -446,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         console.print(f"[yellow]{e}")
         return 128 + e.signum  # the shell's convention for a run ended by a signal
+    except (ValueError, OSError) as e:  # bad data (JSON, encoding, a file that is not what it should be)
+        if args.verbose:
+            logging.getLogger("vlmalign").exception("the error in full")
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
 
 
 if __name__ == "__main__":
