@@ -20,6 +20,7 @@ from vlmalign.data.images import BadImageError, load_image
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
+from vlmalign.search_index import DEFAULT_NPROBE, SearchIndex, build_index
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,29 @@ def read_index(path: str | Path) -> tuple[torch.Tensor, list[str], dict[str, str
 
 
 @torch.no_grad()
-def search(model: VLM, index: torch.Tensor, names: list[str], query: str, top: int = 5) -> list[tuple[str, float]]:
-    """The `top` rows of an image index most similar (cosine) to a text query."""
-    q = model.embed_texts([query])[0].to(index.dtype)  # [D]
-    scores = index @ q  # [N]
-    best = scores.topk(min(top, len(names)))
-    return [(names[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
+def search(
+    model: VLM,
+    index: torch.Tensor | SearchIndex,
+    names: list[str],
+    query: str,
+    top: int = 5,
+    method: str = "auto",
+    nprobe: int = DEFAULT_NPROBE,
+) -> list[tuple[str, float]]:
+    """The `top` rows of an image index most similar (cosine) to a text query, best first.
+
+    `index` is the embeddings [N, D] (then searched exactly up to
+    `search_index.EXACT_MAX_VECTORS` rows and with a FAISS IVF index above, as `method`
+    "auto" | "exact" | "faiss" says) or an index already built (`search_index.build_index`,
+    `cached_index`), which spares rebuilding it for every query.
+    """
+    if isinstance(index, torch.Tensor):
+        if index.shape[0] != len(names):
+            raise ValueError(f"the index has {index.shape[0]} rows but {len(names)} names")
+        index = build_index(index, method, nprobe=nprobe)
+    q = model.embed_texts([query]).float().cpu()  # [1, D]
+    scores, rows = index.search(q, min(top, len(names)))  # [1, k]
+    return [(names[i], float(s)) for s, i in zip(scores[0].tolist(), rows[0].tolist(), strict=True) if i >= 0]
 
 
 # ----------------------------------------------------------------- captioning
