@@ -6,6 +6,7 @@ up as the same small dataclasses, so the collator and the evaluators never see a
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,20 +41,27 @@ class CompositionalItem:
     category: str  # e.g. "replace_att"
 
 
+class DataPathError(FileNotFoundError):
+    """A file the config names does not exist; the message gives the config key, the value
+    and the path it resolved to."""
+
+
 class DataQualityError(ValueError):
     """Too much of a dataset was skipped as bad input (see `LoadReport.check_skip_fraction`)."""
 
 
 class LoadReport:
-    """Counts skipped records by reason, keeping a few examples (`file:line: detail`) each.
+    """Counts skipped records by reason, keeping every one (`records`) and a few examples
+    (`file:line: detail`) per reason for the summary.
 
     Loaders call `skip(...)` for each bad record and increment `loaded` for each good one,
     so bad input is never lost silently and never crashes a run mid-file. Records kept
     after a fix or with a warning (an inserted `<image>` marker, a renamed duplicate id)
-    are counted apart with `repair(...)`; they are loaded, not skipped.
+    are counted apart with `repair(...)`; they are loaded, not skipped. `write_jsonl`
+    writes all of them, one JSON object per line (`skipped.jsonl` in a run folder).
     """
 
-    max_examples: int = 3  # examples kept per reason
+    max_examples: int = 3  # examples kept per reason in the summary (all are in `records`)
 
     def __init__(self) -> None:
         self.loaded: int = 0
@@ -61,10 +69,13 @@ class LoadReport:
         self._examples: dict[str, list[str]] = {}
         self._repairs: Counter[str] = Counter()
         self._repair_examples: dict[str, list[str]] = {}
+        # Every skip and repair: {"action": "skipped" | "repaired", "reason", "where", "detail"}.
+        self.records: list[dict[str, str]] = []
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         """Record one skipped record: `reason` (a short key), `where` (`file:line`), `detail`."""
         self._counts[reason] += 1
+        self.records.append({"action": "skipped", "reason": reason, "where": where, "detail": detail})
         examples = self._examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(f"{where}: {detail}" if detail else where)
@@ -72,9 +83,26 @@ class LoadReport:
     def repair(self, reason: str, where: str, detail: str = "") -> None:
         """Record one record kept after a fix or with a warning: `reason`, `where`, `detail`."""
         self._repairs[reason] += 1
+        self.records.append({"action": "repaired", "reason": reason, "where": where, "detail": detail})
         examples = self._repair_examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(f"{where}: {detail}" if detail else where)
+
+    def absorb(self, other: LoadReport) -> None:
+        """Add `other`'s counts, examples and records to this report."""
+        self.loaded += other.loaded
+        for rec in other.records:
+            (self.skip if rec["action"] == "skipped" else self.repair)(rec["reason"], rec["where"], rec["detail"])
+
+    def write_jsonl(self, path: str | Path, task: str = "") -> Path:
+        """Every skipped and repaired record, one JSON object per line (`action`, `reason`,
+        `where`, `detail`, and `task` when given), appended to `path`; returns it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            for rec in self.records:
+                f.write(json.dumps({**({"task": task} if task else {}), **rec}, ensure_ascii=False) + "\n")
+        return path
 
     def total_skipped(self) -> int:
         """Number of records skipped, all reasons together."""
