@@ -19,6 +19,7 @@ from vlmalign.models.language import (
     tiny_tokenizer,
 )
 from vlmalign.models.vlm import VLM
+from vlmalign.objective import next_token_part
 
 TWO_TURNS = [("user", f"{IMAGE_TOKEN}\nWhat is in the image?"), ("assistant", "A red circle."),
              ("user", "Where is it?"), ("assistant", "On the left.")]
@@ -91,12 +92,12 @@ def test_final_logit_softcapping_reaches_the_ntp_loss(tiny_cfg, tmp_path):
     ids = torch.tensor([[model.image_token_id] * q + [10, 11, 12, 13, model.tokenizer.eos_token_id]])
     labels = ids.masked_fill(ids == model.image_token_id, -100)
     visual = torch.randn(1, q, model.hidden_size)
-    ours = model.ntp(ids, torch.ones_like(ids), labels, visual)["ntp_loss"]
+    ours = next_token_part(model, ids, torch.ones_like(ids), labels, visual)[0]["ntp_loss"]
     embeds = model.splice(ids, visual)
     hf = model.llm(inputs_embeds=embeds, labels=labels).loss  # HF Gemma3 applies the cap itself
     assert torch.allclose(ours, hf, atol=1e-5)
     model.llm.config.final_logit_softcapping = None  # without the cap: a different number
-    assert abs(model.ntp(ids, torch.ones_like(ids), labels, visual)["ntp_loss"] - ours) > 0.5
+    assert abs(next_token_part(model, ids, torch.ones_like(ids), labels, visual)[0]["ntp_loss"] - ours) > 0.5
 
 
 # ----------------------------------------------------------------- the packaged model
@@ -138,7 +139,7 @@ def test_packaged_gemma_vlm_ntp_loss_is_finite(tiny_cfg, shapes_root):
     cap = model.tokenizer("a small red circle", add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
     ids = torch.tensor([[model.image_token_id] * model.num_visual_tokens + cap] * 2)
     labels = ids.masked_fill(ids == model.image_token_id, -100)
-    out = model.ntp(ids, torch.ones_like(ids), labels, visual)
+    out = next_token_part(model, ids, torch.ones_like(ids), labels, visual)[0]
     assert torch.isfinite(out["ntp_loss"]) and 0.0 < out["ntp_loss"] < 30.0 and int(out["ntp_tokens"]) == 2 * len(cap)
     out["ntp_loss"].backward()
     grads = [p.grad for p in model.projector.parameters()]

@@ -37,23 +37,23 @@ FINITE = torch.tensor(1.5)
 def test_guard_flags_loss_and_gradients_and_counts():
     guard = NonFiniteGuard(max_in_a_row=3)
     ok = [_param([0.1, -2.0]), _param(None)]  # a parameter without a gradient is ignored
-    assert guard.check(FINITE, ok, step=0) is False
-    assert guard.check(torch.tensor(float("nan")), ok, step=1) is True
-    assert guard.check(FINITE, [_param([1.0, float("inf")])], step=2) is True
+    assert guard.should_skip(FINITE, ok, step=0) is False
+    assert guard.should_skip(torch.tensor(float("nan")), ok, step=1) is True
+    assert guard.should_skip(FINITE, [_param([1.0, float("inf")])], step=2) is True
     assert (guard.skipped_total, guard.in_a_row) == (2, 2)
-    assert guard.check(FINITE, ok, step=3) is False  # a good step resets the streak only
+    assert guard.should_skip(FINITE, ok, step=3) is False  # a good step resets the streak only
     assert (guard.skipped_total, guard.in_a_row, guard.skipped_steps) == (2, 0, [1, 2])
     # a total norm computed by clipping is trusted instead of scanning the gradients
-    assert guard.check(FINITE, [_param([float("nan")])], step=4, grad_norm=torch.tensor(0.5)) is False
-    assert guard.check(FINITE, ok, step=5, grad_norm=float("inf")) is True
+    assert guard.should_skip(FINITE, [_param([float("nan")])], step=4, grad_norm=torch.tensor(0.5)) is False
+    assert guard.should_skip(FINITE, ok, step=5, grad_norm=float("inf")) is True
 
 
 def test_guard_aborts_after_max_in_a_row_with_step_and_batch_ids():
     guard = NonFiniteGuard(max_in_a_row=2)
     nan = torch.tensor(float("nan"))
-    assert guard.check(nan, [], step=10, batch_ids=["a:1", "a:2"]) is True
+    assert guard.should_skip(nan, [], step=10, batch_ids=["a:1", "a:2"]) is True
     with pytest.raises(NonFiniteError, match=r"step 11; batch ids \['b:7', 'b:9'\]: 2 steps in a row") as info:
-        guard.check(nan, [], step=11, batch_ids=["b:7", "b:9"])
+        guard.should_skip(nan, [], step=11, batch_ids=["b:7", "b:9"])
     assert info.value.step == 11 and info.value.batch_ids == ["b:7", "b:9"]
     assert "train.max_nonfinite_steps" in str(info.value) and isinstance(info.value, FloatingPointError)
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
@@ -62,7 +62,7 @@ def test_guard_aborts_after_max_in_a_row_with_step_and_batch_ids():
 
 def test_guard_state_round_trips():
     guard = NonFiniteGuard(5)
-    guard.check(torch.tensor(float("inf")), [], step=3)
+    guard.should_skip(torch.tensor(float("inf")), [], step=3)
     other = NonFiniteGuard(5)
     other.load_state_dict(guard.state_dict())
     assert other.state_dict() == {"skipped_total": 1, "in_a_row": 1, "skipped_steps": [3]}
@@ -80,7 +80,7 @@ def test_a_poisoned_batch_leaves_weights_and_optimizer_state_untouched():
         loss = model(x).pow(2).mean()
         loss.backward()
         before = [p.detach().clone() for p in model.parameters()]
-        if guard.check(loss, model.parameters(), step, batch_ids=[f"row{step}"]):
+        if guard.should_skip(loss, model.parameters(), step, batch_ids=[f"row{step}"]):
             optimizer.zero_grad(set_to_none=True)
             skipped.append(step)
             snapshots.append((before, [p.detach().clone() for p in model.parameters()]))

@@ -11,6 +11,7 @@ from vlmalign.data.conversations import encode_conversation, load_conversations
 from vlmalign.data.scienceqa import MCQItem, load_mcq_json, write_mcq_conversations
 from vlmalign.eval import mcq
 from vlmalign.models.prompts import expand_image_tokens
+from vlmalign.objective import next_token_part
 
 COLOURS = ["red", "green", "blue", "dark red"]
 
@@ -128,7 +129,7 @@ def test_model_taught_one_answer_picks_it(tiny_model, shapes_root, tmp_path):
     torch.manual_seed(0)
     for _ in range(30):
         visual = m.visual_tokens(features=feats[str(item.image)][None])
-        loss = m.ntp(ids, torch.ones_like(ids), labels, visual)["ntp_loss"]
+        loss = next_token_part(m, ids, torch.ones_like(ids), labels, visual)[0]["ntp_loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -7,7 +7,7 @@ from accelerate import Accelerator
 
 from vlmalign.data.collate import IGNORE_INDEX, CaptionCollator
 from vlmalign.models.vlm import VLM
-from vlmalign.objective import Objective
+from vlmalign.objective import Objective, next_token_part
 from vlmalign.train.datasets import TrainData, build_trainset
 from vlmalign.train.recipes import RECIPES, apply_recipe
 from vlmalign.train.step import accumulate_gradients
@@ -40,12 +40,14 @@ def test_shared_pass_state_equals_image_states_and_loss_equals_a_full_pass(tiny_
     b = _prompted_batch(m)
     torch.manual_seed(0)
     visual = torch.randn(len(CAPTIONS), m.num_visual_tokens, m.hidden_size)
-    out = m.ntp(b["input_ids"], b["attention_mask"], b["labels"], visual, state_at=b["prompt_state_at"])
+    out, state = next_token_part(m, b["input_ids"], b["attention_mask"], b["labels"], visual,
+                                 state_at=b["prompt_state_at"])
     separate = m.image_states(visual)
-    assert torch.allclose(out["prompt_state"], separate, atol=1e-5)
+    assert torch.allclose(state, separate, atol=1e-5)
     # The check can fail: the position before it holds another state.
-    wrong = m.ntp(b["input_ids"], b["attention_mask"], b["labels"], visual, state_at=b["prompt_state_at"] - 1)
-    assert not torch.allclose(wrong["prompt_state"], separate, atol=1e-3)
+    _, wrong = next_token_part(m, b["input_ids"], b["attention_mask"], b["labels"], visual,
+                               state_at=b["prompt_state_at"] - 1)
+    assert not torch.allclose(wrong, separate, atol=1e-3)
     # The loss equals HF's full-vocabulary loss on the whole sequence (prefix not cached).
     embeds = m.splice(b["input_ids"], visual)
     hf = m.llm(inputs_embeds=embeds, attention_mask=b["attention_mask"], labels=b["labels"]).loss

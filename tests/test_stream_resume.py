@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from vlmalign.data.shards import ShardStream, StreamPosition, rank_position, shard_command
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.train import trainer
+from vlmalign.train.batches import Batches
 from vlmalign.train.datasets import TrainSet, build_stream
-from vlmalign.train.trainer import _Batches, train
+from vlmalign.train.trainer import train
 
 BATCH = 4
 TAKEN = 3  # batches the interrupted run consumed
@@ -82,7 +83,7 @@ def _rewrite_members(tar_path: Path, replace: dict[str, bytes]) -> None:
 
 
 class _Rank:
-    """What `_Batches` uses of an Accelerator, for rank `process_index` of `num_processes`
+    """What `Batches` uses of an Accelerator, for rank `process_index` of `num_processes`
     in one process (the ranks never disagree about running out here)."""
 
     def __init__(self, rank: int = 0, world: int = 1) -> None:
@@ -97,14 +98,14 @@ def _collate(samples: list) -> dict:
     return {"index": torch.tensor([s.meta["position"] for s in samples]), "id": [s.id for s in samples]}
 
 
-def _loop(stream: ShardStream, workers: int, rank: int = 0, world: int = 1, collate=_collate) -> _Batches:
+def _loop(stream: ShardStream, workers: int, rank: int = 0, world: int = 1, collate=_collate) -> Batches:
     """The trainer's batch source over `stream`, with `workers` DataLoader workers."""
     loader = DataLoader(stream, batch_size=BATCH, num_workers=workers, collate_fn=collate)
-    return _Batches(TrainSet(stream, collate, [], lambda: 0, stream=stream), loader, None, stream.report,
+    return Batches(TrainSet(stream, collate, [], lambda: 0, stream=stream), loader, None, stream.report,
                     _Rank(rank, world), "test")
 
 
-def _ids(batches: _Batches, take: int | None = None) -> list[list[str]]:
+def _ids(batches: Batches, take: int | None = None) -> list[list[str]]:
     """The ids of each batch of epoch 0 the loop takes (all of them, or the first `take`)."""
     epoch = batches.epoch(0)
     out = [list(b["id"]) for b in itertools.islice(epoch, take)]
@@ -112,7 +113,7 @@ def _ids(batches: _Batches, take: int | None = None) -> list[list[str]]:
     return out
 
 
-def _saved(batches: _Batches) -> dict:
+def _saved(batches: Batches) -> dict:
     """The checkpoint's "stream" record, through JSON as trainer_state.json holds it."""
     return json.loads(json.dumps(batches.stream_record()))["stream"]
 
@@ -163,7 +164,7 @@ def test_two_ranks_each_resume_from_their_own_position(caption_shards, tmp_path,
     _break(shards, (1, 5), rank=0, world=2)
     _break(shards, (2,), rank=1, world=2)
 
-    def loop(rank: int) -> _Batches:
+    def loop(rank: int) -> Batches:
         return _loop(ShardStream(shards, rank=rank, world_size=2, batch_size=BATCH, even=True), workers, rank, 2)
 
     full = [_ids(loop(r)) for r in range(2)]
@@ -217,7 +218,7 @@ def test_another_worker_count_resumes_after_the_furthest_worker(caption_shards, 
 
 
 def test_map_style_data_saves_no_stream_record():
-    batches = _Batches(TrainSet([], list, [], lambda: 0), None, None, None, _Rank(), 0)
+    batches = Batches(TrainSet([], list, [], lambda: 0), None, None, None, _Rank(), 0)
     assert batches.stream_record() == {}  # the training state keeps today's bytes
 
 
@@ -232,7 +233,7 @@ def test_conversation_stream_resumes_exactly_after_unlabelled_ones(tiny_cfg, con
 
     model = VLM.build(cfg)
 
-    def loop() -> _Batches:
+    def loop() -> Batches:
         trainset = build_stream(model, cfg, 0, 1, kind="conversations")
         return _loop(trainset.stream, workers, collate=_ConvIds(trainset.collator))
 
@@ -306,8 +307,8 @@ def test_caption_training_resumed_after_bad_images_matches_an_uninterrupted_run(
     def old_skip(self, epoch, batches_done, saved=None):
         return original(self, epoch, batches_done, None)
 
-    original = trainer._Batches.skip
-    monkeypatch.setattr(trainer._Batches, "skip", old_skip)
+    original = trainer.Batches.skip
+    monkeypatch.setattr(trainer.Batches, "skip", old_skip)
     old = train(tiny_cfg("align", *common, "train.resume=latest", f"train.out_dir={tmp_path / 'old'}"))
     assert not _same(_weights(old), want)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from vlmalign.data.collate import IGNORE_INDEX, CaptionCollator
 from vlmalign.models.vlm import VLM
+from vlmalign.objective import next_token_part
 
 
 def _batch(model, captions):
@@ -28,7 +29,7 @@ def test_ntp_matches_full_vocabulary_hf_loss(tiny_model):
     m = tiny_model
     b = _batch(m, ["a red circle", "a large blue square left of a small green star"])
     visual = torch.randn(2, m.num_visual_tokens, m.hidden_size)
-    ours = m.ntp(b["input_ids"], b["attention_mask"], b["labels"], visual)
+    ours = next_token_part(m, b["input_ids"], b["attention_mask"], b["labels"], visual)[0]
     ref = m.llm(inputs_embeds=m.splice(b["input_ids"], visual), attention_mask=b["attention_mask"], labels=b["labels"])
     assert torch.allclose(ours["ntp_loss"], ref.loss, atol=1e-5)
     assert int(ours["ntp_tokens"]) == int((b["labels"][:, 1:] != IGNORE_INDEX).sum())

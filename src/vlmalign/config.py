@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from vlmalign.paths import recipe_config
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
@@ -68,6 +70,10 @@ class LLMConfig:
     # Gated MLPs keep 2 of their 3 activations for backward and recompute act(gate)
     # (models/memory.py): a third less MLP activation memory, same results.
     lean_mlp: bool = True
+    # Keys/values of a constant prompt prefix (chat scaffolding before the image or the
+    # sentence) computed once while the LLM is frozen and reused by every batch; exact
+    # (benchmarks/README.md: off costs align-clip ~1.4x).
+    prefix_kv: bool = True
 
 
 @dataclass
@@ -110,9 +116,12 @@ class ObjectiveConfig:
     # Global contrastive loss on prompted embeddings: "none", "clip" or "siglip".
     contrastive: str = "none"
     contrastive_weight: float = 1.0
-    # CLIP: learnable logit scale, init 1/0.07 and clamped at 100 (Radford et al.).
+    # CLIP: learnable logit scale, init 1/0.07; after each optimizer step its parameter is
+    # clamped to [log min, log max] as CLIP and open_clip do (max 100, Radford et al.), so
+    # a scale that overshoots still has a gradient and can come back.
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
+    min_logit_scale: float = 1.0
     # SigLIP: logit scale init 10 and bias init -10 (Zhai et al.).
     siglip_init_logit_scale: float = 10.0
     siglip_init_bias: float = -10.0
@@ -121,6 +130,17 @@ class ObjectiveConfig:
     patch_weight: float = 0.0
     patch_pool: int = 3
     patch_tau: float = 0.05
+    # A SigLIP form of the patch-token loss (losses.patch_sigmoid_loss), on the same
+    # vectors, scale 1/patch_tau and bias siglip_init_bias; off by default (our addition,
+    # not in CG-VLM).
+    patch_sigmoid_weight: float = 0.0
+    # How the step computes the losses (results equal either way; benchmarks/README.md
+    # measures each): the LM head only at label positions (off: on every position, as an
+    # HF causal LM with labels), and one LLM pass for both the prompted image state and
+    # the next-token loss when captions continue the embedding prompt
+    # (data.caption_format=prompted; off: the embedding takes its own pass).
+    head_at_labels: bool = True
+    shared_pass: bool = True
 
 
 @dataclass
@@ -232,6 +252,9 @@ class TrainConfig:
     # A step with a non-finite loss or gradient is skipped and counted; this many in a row
     # abort the run.
     max_nonfinite_steps: int = 5
+    # Experiment trackers (Accelerate's): "tensorboard", "wandb", "mlflow", several, or
+    # "none"; TensorBoard by default as it ships with the base install (train/runlog.py).
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -248,6 +271,10 @@ class EvalConfig:
 @dataclass
 class Config:
     recipe: str = "align"
+    # A transformers LLaVA folder (LlavaForConditionalGeneration) that supplies the vision
+    # tower, the projector and the LLM, replacing vision.*, projector.type and llm.name
+    # (llava_format.py); "" builds them from those settings.
+    from_llava: str = ""
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -448,8 +475,6 @@ def show_config(path_or_recipe: str | Path | None, overrides: list[str] | None =
     if path_or_recipe is not None:
         path = Path(path_or_recipe)
         if path.suffix not in (".yaml", ".yml") and not path.exists():
-            from vlmalign.paths import recipe_config  # lazy: imports the model registry
-
             path = recipe_config(str(path_or_recipe))
     provenance: dict[str, str] = {}
     cfg = load_config(path, overrides, provenance=provenance)

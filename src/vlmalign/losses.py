@@ -354,3 +354,23 @@ def patch_vector_loss(v: Tensor, e: Tensor, tau: float, gather: bool = False) ->
         F.cross_entropy(v @ all_e.T / tau, targets) + F.cross_entropy(e @ all_v.T / tau, targets)
     ) / 2
     return {"patch_loss": loss}
+
+
+def patch_sigmoid_loss(v: Tensor, e: Tensor, tau: float, bias: float = -10.0, gather: bool = False) -> dict[str, Tensor]:
+    """A SigLIP form of CG-VLM's patch-token contrastive loss: the pairwise sigmoid loss
+    (Zhai et al. 2023) on the patch-token similarity s(i, j) = v_i . e_j (`patch_token_vectors`).
+
+    L = -1/B * sum_ij log sigmoid(z_ij * (s(i, j) / tau + bias)), z_ij = +1 on the diagonal
+    (image i with its own caption) and -1 elsewhere; ``tau`` and ``bias`` are fixed. Each
+    pair is scored on its own, so the loss needs no softmax over the batch. v, e [B, D];
+    with ``gather=True``, local rows against the gathered batch (as `siglip_loss`).
+    Returns {"patch_sigmoid_loss": scalar}.
+    """
+    _check_pair(v, e, "patch_sigmoid_loss: v and e")
+    batch = v.shape[0]
+    all_e = gather_with_grad(e) if gather else e  # [W*B, D]
+    targets = _targets(batch, gather, v.device)
+    logits = v @ all_e.T / tau + bias  # [B, W*B]
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(batch, device=logits.device), targets] = 1.0
+    return {"patch_sigmoid_loss": -F.logsigmoid(signs * logits).sum() / batch}

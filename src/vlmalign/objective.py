@@ -1,57 +1,82 @@
-"""The training objective: runs the model passes a config's losses need, weights the loss
-parts (losses.py) and sums them.
+"""The training objective: asks the model for the states a config's losses need, calls the
+loss functions (losses.py), weights the parts and sums them. It is the only place a step
+computes a loss: training, accumulation (train/step.py), evaluation and `vlmalign bench`
+all call it.
 
 `Objective(cfg.objective, gather=...)` owns the learnable contrastive temperature
 (CLIP logit scale, SigLIP scale and bias); `objective(model, batch)` returns the total loss
-and a dict of parts for logging.
+and a dict of parts for logging. A batch flows one way:
+
+    visual tokens (model) -> next-token states (model) -> next-token loss (losses)
+                          -> representations (model: prompted states, patch vectors)
+                          -> contrastive terms (losses, `TERMS`) -> weighted sum
+
+Adding a loss (docs/recipes.md): a function in losses.py returning {"name_loss": ...}, a
+weight in `ObjectiveConfig`, and one `Term` in `TERMS` below.
 
 [Contract] With ``gather=True`` (the trainer sets it when more than one process runs) each
 rank returns its share of the global-batch loss, such that the mean of the ranks' losses
 and of their gradients (what DDP computes) equals the loss and gradients of one process on
-the global batch: contrastive negatives are all-gathered (losses.gather_with_grad) and the
+the global batch: contrastive negatives are all-gathered (dist.gather_with_grad) and the
 next-token loss is token-weighted over the global batch (`rank_token_weight`).
 
-Shared pass: with "prompted" caption sequences (data/collate.py, `prompt_state_at` in the
-batch) the caption continues the image embedding prompt, so the one LLM pass of the
-next-token loss also yields the prompted image state (`VLM.ntp(state_at=...)`): a
-contrastive recipe then costs about what the next-token loss alone costs.
+Switches (results equal either way; `vlmalign bench` flips them): `objective.head_at_labels`
+(LM head on label positions only, else on every position), `objective.shared_pass` (with
+"prompted" caption sequences, `prompt_state_at` in the batch, the caption continues the
+image embedding prompt, so the one LLM pass of the next-token loss also yields the
+prompted image state: a contrastive recipe then costs about what the next-token loss
+alone costs).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlmalign import losses
 from vlmalign.config import ObjectiveConfig
-from vlmalign.models.vlm import VLM
+from vlmalign.dist import rank_token_weight
+
+if TYPE_CHECKING:
+    from vlmalign.models.vlm import VLM
 
 CONTRASTIVE = ("none", "clip", "siglip")
 
 
-def rank_token_weight(n_local: Tensor) -> Tensor:
-    """Weight w_r that turns rank r's per-token mean next-token loss into its share of the
-    global-batch per-token mean.
+@dataclass(frozen=True)
+class Term:
+    """One contrastive loss of the objective: the `ObjectiveConfig` field holding its
+    weight, the representations it scores (`Objective.representations` keys: "patch"
+    gives patch_v / patch_e, "embedding" gives image_emb / text_emb), when it applies
+    beyond a non-zero weight, and the call into losses.py."""
 
-    One process on the global batch computes L = (sum_r S_r) / N, with S_r the summed token
-    cross-entropy of rank r, N_r its label tokens and N = sum_r N_r. DDP averages gradients
-    (and we average logged losses) over the W ranks, so rank r must return
-    L_r = W * S_r / N = mean_r * w_r with w_r = W * N_r / N; then (1/W) sum_r L_r = L,
-    gradients included. A naive per-rank mean instead weights every rank equally, whatever
-    its token count. N comes from an all_reduce of the counts (a tiny collective, no grad).
+    weight: str
+    needs: str  # "patch" or "embedding"
+    loss: Callable[[Objective, dict[str, Tensor]], dict[str, Tensor]]
+    when: Callable[[ObjectiveConfig], bool] = lambda cfg: True
 
-    n_local: long scalar N_r. Returns a float scalar on n_local's device; exactly 1.0 when
-    no process group of world size > 1 is initialised.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return torch.ones((), device=n_local.device)
-    n_global = n_local.detach().clone()
-    dist.all_reduce(n_global, op=dist.ReduceOp.SUM)
-    # clamp: if no rank has a label token every mean is an exact 0 (losses.next_token_loss).
-    return dist.get_world_size() * n_local.float() / n_global.clamp(min=1).float()
+
+def _scale(o: Objective) -> Tensor:
+    return o.logit_scale()
+
+
+# The contrastive terms, summed as weight * part (one entry per loss).
+TERMS: dict[str, Term] = {
+    "patch_loss": Term("patch_weight", "patch", lambda o, r: losses.patch_vector_loss(
+        r["patch_v"], r["patch_e"], o.cfg.patch_tau, gather=o.gather)),
+    "patch_sigmoid_loss": Term("patch_sigmoid_weight", "patch", lambda o, r: losses.patch_sigmoid_loss(
+        r["patch_v"], r["patch_e"], o.cfg.patch_tau, o.cfg.siglip_init_bias, gather=o.gather)),
+    "clip_loss": Term("contrastive_weight", "embedding", lambda o, r: losses.clip_loss(
+        r["image_emb"], r["text_emb"], _scale(o), gather=o.gather), when=lambda c: c.contrastive == "clip"),
+    "siglip_loss": Term("contrastive_weight", "embedding", lambda o, r: losses.siglip_loss(
+        r["image_emb"], r["text_emb"], _scale(o), o.logit_bias.squeeze(0), gather=o.gather),
+        when=lambda c: c.contrastive == "siglip"),
+}
 
 
 def _vector_scalars(state_dict: dict, prefix: str, *args) -> None:
@@ -62,9 +87,26 @@ def _vector_scalars(state_dict: dict, prefix: str, *args) -> None:
             state_dict[key] = state_dict[key].reshape(1)
 
 
+def next_token_part(
+    model: VLM, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor,
+    head_at_labels: bool = True, state_at: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Per-token mean next-token loss of spliced sequences [B, T] with visual tokens
+    [B, Q, D]: ({"ntp_loss", "ntp_tokens"}, the final state at position `state_at` [B, D]
+    or None). The model gives the states and the LM head; losses.next_token_loss applies
+    the head at label positions only (`head_at_labels`), losses.full_vocab_next_token_loss
+    on every position."""
+    hidden, cut = model.sequence_states(input_ids, attention_mask, labels, visual)  # [B, T - cut, D]
+    weight, bias, softcap = model.output_head()
+    loss_fn = losses.next_token_loss if head_at_labels else losses.full_vocab_next_token_loss
+    parts = loss_fn(hidden, labels[:, cut:], weight, bias, logit_softcap=softcap)
+    return parts, (hidden[:, state_at - cut] if state_at is not None else None)
+
+
 class Objective(nn.Module):
-    """Weighted sum of the recipe's losses: ntp_weight * next-token + patch_weight *
-    patch-token contrastive + contrastive_weight * (CLIP or SigLIP on prompted embeddings).
+    """Weighted sum of the recipe's losses: ntp_weight * next-token + the weighted
+    contrastive `TERMS` (patch-token, its sigmoid form, CLIP or SigLIP on prompted
+    embeddings).
 
     ``gather=True``: exact across ranks (see the module's [Contract]); the logged
     ``ntp_loss`` is then the rank's share W * S_r / N, whose mean over ranks is the
@@ -77,6 +119,9 @@ class Objective(nn.Module):
             raise ValueError(
                 f"objective.contrastive={cfg.contrastive!r}; choose one of {', '.join(CONTRASTIVE)}"
             )
+        if not 0 < cfg.min_logit_scale <= cfg.max_logit_scale:
+            raise ValueError(f"objective.min_logit_scale={cfg.min_logit_scale} must be > 0 and <= "
+                             f"objective.max_logit_scale={cfg.max_logit_scale}")
         self.cfg = cfg
         self.gather = gather
         # One-element vectors, not 0-dim scalars: FSDP2's fully_shard refuses scalar
@@ -88,23 +133,36 @@ class Objective(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor([cfg.siglip_init_bias]))
         self._register_load_state_dict_pre_hook(_vector_scalars)
 
+    def active_terms(self) -> dict[str, Term]:
+        """The contrastive terms this config weights in (non-zero weight, applicable)."""
+        return {name: t for name, t in TERMS.items() if getattr(self.cfg, t.weight) > 0 and t.when(self.cfg)}
+
     @property
     def uses_embeddings(self) -> bool:
-        return self.cfg.contrastive != "none" and self.cfg.contrastive_weight > 0
+        return any(t.needs == "embedding" for t in self.active_terms().values())
 
     @property
     def uses_patch(self) -> bool:
-        return self.cfg.patch_weight > 0
+        return any(t.needs == "patch" for t in self.active_terms().values())
 
     def logit_scale(self) -> Tensor:
-        """exp(log scale), clamped at max_logit_scale (CLIP clamps at 100)."""
-        return self.log_logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
+        """exp(log scale): the contrastive temperature's inverse (clamped after each
+        optimizer step by `clamp_logit_scale_`, never here: a clamp inside the loss has
+        zero gradient beyond its bound, so an overshoot could never come back)."""
+        return self.log_logit_scale.exp().squeeze(0)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the learnable scale in [min_logit_scale, max_logit_scale] (CLIP and open_clip
+        clamp the parameter after each optimizer step; CLIP's max is 100)."""
+        if hasattr(self, "log_logit_scale"):
+            self.log_logit_scale.clamp_(math.log(self.cfg.min_logit_scale), math.log(self.cfg.max_logit_scale))
 
     @property
     def contrastive_active(self) -> bool:
         """Whether a loss couples the samples of a batch (negatives): accumulation must
         then cache representations (GradCache) to stay exact."""
-        return self.uses_embeddings or self.uses_patch
+        return bool(self.active_terms())
 
     def forward(self, model: VLM, batch: dict, replay: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(total loss, parts) for a collated batch (data/collate.py, data/short_long.py):
@@ -119,17 +177,19 @@ class Objective(nn.Module):
         visual = model.visual_tokens(batch.get("pixel_values"), batch.get("features"))  # [B, Q, D]
         parts: dict[str, Tensor] = {}
         total = visual.new_zeros(())
+        image_state = None
         if c.ntp_weight > 0:
-            parts |= self.ntp_part(model, batch, visual, state_at=self.shared_state_at(model, batch))
+            ntp_parts, image_state = self.ntp_part(model, batch, visual)
+            parts |= ntp_parts
             ntp = parts["ntp_loss"]
             if replay is not None:
                 ntp = ntp * replay["ntp_factor"]
             elif self.gather:
-                # [Contract] model.ntp returns S_r / N_r; make it W * S_r / N (rank_token_weight).
+                # [Contract] the loss is S_r / N_r; make it W * S_r / N (rank_token_weight).
                 ntp = parts["ntp_loss"] = ntp * rank_token_weight(parts["ntp_tokens"])
             total = total + c.ntp_weight * ntp
         if self.contrastive_active:
-            reps = self.representations(model, batch, visual, image_state=parts.pop("prompt_state", None))
+            reps = self.representations(model, batch, visual, image_state=image_state)
             if replay is not None:
                 for key, rep in reps.items():
                     total = total + (rep * replay["grads"][key].to(rep.dtype)).sum()
@@ -145,32 +205,35 @@ class Objective(nn.Module):
 
     def shared_state_at(self, model: VLM, batch: dict) -> int | None:
         """Position of the prompted image state inside the next-token sequences when one
-        pass can serve both losses (prompted captions, every row in both, no image soft
-        prompt); None otherwise (the embedding then takes its own pass)."""
+        pass can serve both losses (`objective.shared_pass`, prompted captions, every row in
+        both, no image soft prompt); None otherwise (the embedding then takes its own pass)."""
         at = batch.get("prompt_state_at")
-        if at is None or not self.uses_embeddings or model.image_soft is not None:
+        if at is None or not self.cfg.shared_pass or not self.uses_embeddings or model.image_soft is not None:
             return None
         if batch.get("ntp_rows") is not None or batch.get("emb_rows") is not None:
             return None
         return int(at)
 
-    def ntp_part(self, model: VLM, batch: dict, visual: Tensor, state_at: int | None = None) -> dict[str, Tensor]:
+    def ntp_part(self, model: VLM, batch: dict, visual: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """Per-token mean next-token loss of the batch's sequences (`ntp_rows` of the
-        images when the batch has row subsets) and its token count; with `state_at`, also
-        the prompted image state of the same pass (`prompt_state`, [B, D])."""
+        images when the batch has row subsets) and its token count; and the prompted image
+        state [B, D] of the same pass when it serves the embedding (`shared_state_at`)."""
         if "input_ids" not in batch:  # no long caption in this batch: an exact zero that keeps the graph
-            return {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": torch.zeros((), dtype=torch.long, device=visual.device)}
+            zero = {"ntp_loss": visual.sum() * 0.0, "ntp_tokens": torch.zeros((), dtype=torch.long, device=visual.device)}
+            return zero, None
         rows = batch.get("ntp_rows")
         ntp_visual = visual if rows is None else visual[rows.to(visual.device)]
-        return model.ntp(batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual, state_at=state_at)
+        return next_token_part(model, batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual,
+                               head_at_labels=self.cfg.head_at_labels, state_at=self.shared_state_at(model, batch))
 
     def representations(
         self, model: VLM, batch: dict, visual: Tensor, image_state: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """What the contrastive losses see, per sample: `patch_v` / `patch_e` ([B, D],
+        """What the contrastive terms see, per sample: `patch_v` / `patch_e` ([B, D],
         CG-VLM's factorised patch-token vectors) and `image_emb` / `text_emb` ([B_s, D],
         prompted embeddings of the `emb_rows`). `image_state` [B, D]: the raw prompted image
-        states when the next-token pass already computed them (shared pass)."""
+        states when the next-token pass already computed them (shared pass); the text
+        states come from the batch when cached (`train.cache_text_embeddings`)."""
         c = self.cfg
         reps: dict[str, Tensor] = {}
         if self.uses_patch:
@@ -190,23 +253,14 @@ class Objective(nn.Module):
         return reps
 
     def contrastive(self, reps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted contrastive losses over representations (a batch, or a whole effective
+        """Weighted contrastive terms over representations (a batch, or a whole effective
         batch of cached ones), gathered across ranks when `gather`."""
-        c = self.cfg
         parts: dict[str, Tensor] = {}
         total = next(iter(reps.values())).new_zeros(())
-        if self.uses_patch:
-            parts |= losses.patch_vector_loss(reps["patch_v"], reps["patch_e"], c.patch_tau, gather=self.gather)
-            total = total + c.patch_weight * parts["patch_loss"]
+        for name, term in self.active_terms().items():
+            part = term.loss(self, reps)[name]
+            parts[name] = part
+            total = total + getattr(self.cfg, term.weight) * part
         if self.uses_embeddings:
-            scale = self.logit_scale()
-            image_emb, text_emb = reps["image_emb"], reps["text_emb"]
-            if c.contrastive == "clip":
-                parts |= losses.clip_loss(image_emb, text_emb, scale, gather=self.gather)
-                total = total + c.contrastive_weight * parts["clip_loss"]
-            else:
-                parts |= losses.siglip_loss(image_emb, text_emb, scale, self.logit_bias.squeeze(0),
-                                            gather=self.gather)
-                total = total + c.contrastive_weight * parts["siglip_loss"]
-            parts["logit_scale"] = scale.detach()
+            parts["logit_scale"] = self.logit_scale().detach()
         return total, parts

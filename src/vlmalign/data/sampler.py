@@ -16,6 +16,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+# Batches per length-sorted mega-batch (train.group_by_length): 8 keeps batches random
+# on small datasets (transformers uses up to 50). The trainer and the bench both use it.
+LENGTH_GROUP = 8
+
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Yields lists of dataset indices. Deterministic given `seed` and the epoch: every
@@ -25,7 +29,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     batches random on small datasets); `group=1` only shuffles."""
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 8, drop_last: bool = True
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = LENGTH_GROUP, drop_last: bool = True
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -31,12 +31,18 @@ from rich.table import Table
 from torch import Tensor
 
 from vlmalign import cache, losses
-from vlmalign.config import Config, DataConfig
+from vlmalign.config import Config
 from vlmalign.data.classification import DEFAULT_TEMPLATES, class_embeddings, load_image_folder
 from vlmalign.data.collate import CaptionCollator
 from vlmalign.data.karpathy import load_karpathy
 from vlmalign.data.sample import CompositionalItem, LoadReport, Sample
-from vlmalign.data.splits import compositional_items, eval_samples
+from vlmalign.data.splits import (
+    benchmark_paths,
+    compositional_items,
+    compositional_path,
+    eval_samples,
+    holds_out,
+)
 from vlmalign.eval.metrics import (
     compositional_accuracy,
     modality_gap,
@@ -44,12 +50,9 @@ from vlmalign.eval.metrics import (
     zero_shot_accuracy,
 )
 from vlmalign.models.vlm import VLM
+from vlmalign.objective import next_token_part
 
 METRICS_NAME = "metrics.json"
-# Benchmark files looked for under data.root (the first Karpathy file found is used):
-# the names of the published Karpathy-split files, then the one `shapes` writes.
-KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr30k.json", "karpathy_shapes.json")
-ZEROSHOT_DIR = "zeroshot"
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,6 @@ class FeatureModel(Protocol):
     def tower_features(self, pixel_values: Tensor) -> Tensor: ...
 
     def projector_device(self) -> torch.device: ...
-
-
-def benchmark_paths(cfg: DataConfig) -> tuple[Path | None, Path | None]:
-    """(Karpathy-split JSON, zero-shot image folder) under `cfg.root`, None when absent.
-
-    Karpathy: the first of `KARPATHY_FILES` in the root; its images resolve against the
-    root (COCO: `root/val2014/...`, Flickr30k: `root/<filename>`). Zero-shot:
-    `root/zeroshot/<class>/...`.
-    """
-    root = Path(cfg.root)
-    karpathy = next((root / n for n in KARPATHY_FILES if (root / n).is_file()), None)
-    zeroshot = root / ZEROSHOT_DIR
-    return karpathy, zeroshot if zeroshot.is_dir() else None
 
 
 def _rows(rows: list[int]) -> Tensor:
@@ -111,38 +101,28 @@ class EvalData:
     zs_image_rows: Tensor = field(default_factory=lambda: _rows([]))  # [N_zs]
     zs_labels: Tensor = field(default_factory=lambda: _rows([]))  # [N_zs] class index
     zs_class_names: list[str] = field(default_factory=list)
+    # Skips per task (`pairs`, `compositional`, `karpathy`, `zeroshot`, `images`).
+    reports: dict[str, LoadReport] = field(default_factory=dict)
+
+    def skip_summary(self) -> dict[str, dict]:
+        """Each task's skips apart (`LoadReport.as_dict()` per task)."""
+        return {task: r.as_dict() for task, r in self.reports.items()}
 
     @classmethod
-    def prepare(cls, model: FeatureModel, cfg: Config, benchmarks: bool = True) -> EvalData:
-        """Load the held-out pairs, SugarCrepe items and (with `benchmarks`) the Karpathy and
-        zero-shot files of `cfg.data`; compute tower features of every distinct image with
-        `model`. `data.eval_max_samples` caps the pairs and the Karpathy test images."""
-        report = LoadReport()
-        samples = eval_samples(cfg.data, report)
-        items = compositional_items(cfg.data, report)
-        kp_images: list[Path] = []
-        kp_captions: list[str] = []
-        kp_owner = _rows([])
-        zs_images: list[Path] = []
-        zs_labels = _rows([])
-        zs_names: list[str] = []
-        if benchmarks:  # the root exists now: eval_samples made it (or raised)
-            kp_path, zs_path = benchmark_paths(cfg.data)
-            if kp_path is not None:
-                kp_images, kp_captions, kp_owner = load_karpathy(kp_path, cfg.data.root, "test", report)
-                if cfg.data.eval_max_samples:
-                    kp_images = kp_images[: cfg.data.eval_max_samples]
-                    keep = kp_owner < len(kp_images)
-                    kp_captions = [c for c, k in zip(kp_captions, keep.tolist(), strict=True) if k]
-                    kp_owner = kp_owner[keep]
-            if zs_path is not None:
-                folder = load_image_folder(zs_path, report)
-                zs_images, zs_labels, zs_names = folder.images, folder.labels, folder.class_names
-        images = list(dict.fromkeys(
-            [s.image for s in samples] + [it.image for it in items] + kp_images + zs_images
-        ))
+    def prepare(cls, model: FeatureModel, cfg: Config, benchmarks: bool = True, plan: EvalPlan | None = None) -> EvalData:
+        """Tower features of every distinct image of `plan` (default `EvalPlan.load(cfg,
+        benchmarks)`: the held-out pairs, SugarCrepe items and, with `benchmarks`, the
+        Karpathy and zero-shot files), computed once with `model`."""
+        plan = plan if plan is not None else EvalPlan.load(cfg, benchmarks)
+        report = plan.report
+        samples, items = plan.samples, plan.items
+        kp_images, kp_captions, kp_owner = plan.kp_images, plan.kp_captions, plan.kp_owner
+        zs_images, zs_labels = plan.zs_images, plan.zs_labels
+        images = plan.images()
         probe = [Sample(id=str(i), image=p) for i, p in enumerate(images)]
-        feats, kept = cache.tower_features(model, probe, report=report)
+        image_report = plan.reports.setdefault("images", LoadReport())
+        feats, kept = cache.tower_features(model, probe, report=image_report)
+        report.absorb(image_report)
         row = {str(s.image): i for i, s in enumerate(kept)}
         samples = [s for s in samples if str(s.image) in row]
         items = [it for it in items if str(it.image) in row]
@@ -163,8 +143,125 @@ class EvalData:
             kp_text_to_image=_rows([r for _, r in kp]),
             zs_image_rows=_rows([r for r, _ in zs]),
             zs_labels=_rows([y for _, y in zs]),
-            zs_class_names=zs_names if zs else [],
+            zs_class_names=plan.zs_names if zs else [],
+            reports=plan.reports,
         )
+
+
+@dataclass
+class EvalPlan:
+    """What an evaluation will run on, loaded but not yet computed: each task's records,
+    where they come from, and one line for each task left out saying why (the switch that
+    is off, or the file that would enable it). `reports` keeps each task's skips apart
+    (`pairs`, `compositional`, `karpathy`, `zeroshot`); `report` holds them all."""
+
+    samples: list[Sample]
+    items: list[CompositionalItem]
+    sources: dict[str, str]  # task -> where its records come from
+    not_run: list[str]  # one line per task left out
+    report: LoadReport
+    reports: dict[str, LoadReport]
+    kp_images: list[Path] = field(default_factory=list)
+    kp_captions: list[str] = field(default_factory=list)
+    kp_owner: Tensor = field(default_factory=lambda: _rows([]))  # [N_kp_txt] index into kp_images
+    zs_images: list[Path] = field(default_factory=list)
+    zs_labels: Tensor = field(default_factory=lambda: _rows([]))
+    zs_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, cfg: Config, benchmarks: bool = True) -> EvalPlan:
+        """Load what `cfg` evaluates: held-out pairs (`data.eval_file`, the held-out split of
+        a user's training file, or the shapes layout's test split), SugarCrepe items, and
+        with `benchmarks` the Karpathy and zero-shot files; `eval.*` switches leave tasks
+        out. `data.eval_max_samples` caps the pairs and the Karpathy test images."""
+        dc, ec = cfg.data, cfg.eval
+        reports = {k: LoadReport() for k in ("pairs", "compositional", "karpathy", "zeroshot")}
+        sources: dict[str, str] = {}
+        not_run: list[str] = []
+        samples: list[Sample] = []
+        if not ec.retrieval:
+            not_run.append("held-out retrieval: off (eval.retrieval=false)")
+        else:
+            samples = eval_samples(dc, reports["pairs"])
+            if dc.eval_file.strip():
+                sources["pairs"] = f"data.eval_file={dc.eval_file}"
+            elif holds_out(dc):
+                sources["pairs"] = (f"held-out split of data.train_file={dc.train_file} (data.heldout_fraction="
+                                    f"{dc.heldout_fraction:g}, at most {dc.heldout_max}, seed {dc.heldout_seed})")
+            else:
+                sources["pairs"] = f"{Path(dc.root) / 'test.jsonl'} (shapes test split)"
+            if not samples:
+                not_run.append("held-out retrieval: no pairs; set data.eval_file=FILE (a captions JSONL)"
+                               + (" or train on at least 2 records to hold some out" if holds_out(dc) else ""))
+        items: list[CompositionalItem] = []
+        comp = compositional_path(dc)
+        if not ec.compositional:
+            not_run.append("compositional (SugarCrepe): off (eval.compositional=false)")
+        elif comp is None:
+            not_run.append("compositional (SugarCrepe): skipped; set data.compositional_file=FILE or DIR "
+                           "(SugarCrepe JSON: filename, caption, negative_caption) to run it")
+        else:
+            items = compositional_items(dc, reports["compositional"])
+            sources["compositional"] = str(comp)
+        plan = cls(samples, items, sources, not_run, LoadReport(), reports)
+        if benchmarks:
+            kp_path, zs_path = benchmark_paths(dc)
+            if not ec.karpathy:
+                not_run.append("Karpathy retrieval: off (eval.karpathy=false)")
+            elif kp_path is None:
+                not_run.append("Karpathy retrieval: skipped; set data.karpathy_file=FILE (a Karpathy-split JSON "
+                               "such as dataset_coco.json or dataset_flickr30k.json) to run it")
+            else:
+                plan.kp_images, plan.kp_captions, plan.kp_owner = load_karpathy(kp_path, dc.root, "test",
+                                                                                reports["karpathy"])
+                if dc.eval_max_samples:
+                    plan.kp_images = plan.kp_images[: dc.eval_max_samples]
+                    keep = plan.kp_owner < len(plan.kp_images)
+                    plan.kp_captions = [c for c, k in zip(plan.kp_captions, keep.tolist(), strict=True) if k]
+                    plan.kp_owner = plan.kp_owner[keep]
+                sources["karpathy"] = str(kp_path)
+            if not ec.zeroshot:
+                not_run.append("zero-shot classification: off (eval.zeroshot=false)")
+            elif zs_path is None:
+                not_run.append("zero-shot classification: skipped; set data.zeroshot_dir=DIR (one folder of "
+                               "images per class) to run it")
+            else:
+                folder = load_image_folder(zs_path, reports["zeroshot"])
+                plan.zs_images, plan.zs_labels, plan.zs_names = folder.images, folder.labels, folder.class_names
+                sources["zeroshot"] = str(zs_path)
+        for r in reports.values():
+            plan.report.absorb(r)
+        return plan
+
+    def images(self) -> list[Path]:
+        """The distinct images of every task, in order."""
+        return list(dict.fromkeys([s.image for s in self.samples] + [it.image for it in self.items]
+                                  + self.kp_images + self.zs_images))
+
+    def text_passes(self) -> int:
+        """Texts the evaluation runs through the LLM (pairs twice: embedding and held-out
+        loss; items twice: positive and negative)."""
+        return 2 * len(self.samples) + 2 * len(self.items) + len(self.kp_captions) + 8 * len(self.zs_names)
+
+    def describe(self) -> list[str]:
+        """One line per task that runs (its count and source), then the tasks left out."""
+        lines = []
+        if self.samples:
+            lines.append(f"held-out retrieval: {len(self.samples)} pairs from {self.sources['pairs']}")
+        if self.items:
+            lines.append(f"compositional (SugarCrepe): {len(self.items)} items from {self.sources['compositional']}")
+        if self.kp_captions:
+            lines.append(f"Karpathy retrieval: {len(self.kp_images)} images, {len(self.kp_captions)} captions "
+                         f"from {self.sources['karpathy']}")
+        if self.zs_images:
+            lines.append(f"zero-shot classification: {len(self.zs_images)} images, {len(self.zs_names)} classes "
+                         f"from {self.sources['zeroshot']}")
+        return lines + self.not_run
+
+    def skip_summary(self) -> dict[str, dict]:
+        """Each task's `LoadReport.as_dict()`, apart: held-out pairs and SugarCrepe items
+        are never added into one count."""
+        return {task: r.as_dict() for task, r in self.reports.items()}
 
 
 def task_rows(text_to_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,10 +306,14 @@ def embedding_metrics(
         pos = (img_i * embedder.embed_texts([it.caption for it in data.items])).sum(-1)
         neg = (img_i * embedder.embed_texts([it.negative_caption for it in data.items])).sum(-1)
         metrics |= {f"comp_emb_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
+        metrics |= item_counts(cats)
+    if data.captions:
+        metrics["eval_pairs"] = float(len(data.captions))
     if data.kp_captions:
         kp_emb = embedder.embed_texts(data.kp_captions)  # [N_kp_txt, D]
         metrics |= {f"kp_{k}": v for k, v in subset_retrieval(img_emb, kp_emb, data.kp_text_to_image).items()}
         metrics["kp_images"] = float(len(torch.unique(data.kp_text_to_image)))
+        metrics["kp_captions"] = float(len(data.kp_captions))
     if data.zs_class_names and len(data.zs_image_rows):
         cls_emb = class_embeddings(embedder.embed_texts, data.zs_class_names, templates)  # [C, D]
         ks = (1, 5) if len(data.zs_class_names) > 5 else (1,)
@@ -222,6 +323,15 @@ def embedding_metrics(
             metrics["zs_top5_acc"] = acc["top5_acc"]
         metrics["zs_images"] = float(len(data.zs_image_rows))
     return metrics
+
+
+def item_counts(categories: Sequence[str]) -> dict[str, float]:
+    """The counts behind the compositional accuracies: `compositional_items` (all) and
+    `compositional_items_<category>`."""
+    counts: dict[str, float] = {"compositional_items": float(len(categories))}
+    for c in categories:
+        counts[f"compositional_items_{c}"] = counts.get(f"compositional_items_{c}", 0.0) + 1.0
+    return counts
 
 
 class CachedTextEmbedder:
@@ -260,11 +370,36 @@ def heldout_ntp_loss(model: VLM, data: EvalData, cfg: Config, batch_size: int = 
         caps = data.captions[i : i + batch_size]
         b = collate([{"index": j, "caption": c} for j, c in enumerate(caps)])
         visual = model.visual_tokens(features=data.features[data.text_to_image[i : i + batch_size]].to(dev))
-        out = model.ntp(b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev), visual)
+        out, _ = next_token_part(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev), visual)
         n = int(out["ntp_tokens"])
         total += float(out["ntp_loss"]) * n
         tokens += n
     return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def ensure_embedding_mean(model: VLM, cfg: Config, fallback: Sequence[str] = ()) -> bool:
+    """Give a model that centres its embeddings but has no mean state yet (freshly built,
+    never trained) one, estimated as training does: on the first `embedding.centre_samples`
+    training captions, or on `fallback` texts when the training file cannot be read.
+    Returns whether a mean was estimated here."""
+    if not model.cfg.embedding.centre or bool(model.embed_mean_ready):
+        return False
+    from vlmalign.data.splits import train_samples
+
+    try:
+        texts = [s.caption for s in train_samples(cfg.data)][: cfg.embedding.centre_samples]
+        where = "training captions"
+    except (OSError, ValueError):
+        texts = []
+    if not texts:
+        texts, where = list(fallback)[: cfg.embedding.centre_samples], "evaluation captions"
+    if not texts:
+        raise ValueError("embedding.centre is on, the model has no mean state yet and there are no captions to "
+                         "estimate it on; set data.train_file, or embedding.centre=false")
+    log.warning("the model has no embedding mean yet (never trained): estimating it on %d %s", len(texts), where)
+    model.set_embedding_mean(torch.cat([model.text_states(texts[i : i + 64]) for i in range(0, len(texts), 64)]))
+    return True
 
 
 @torch.no_grad()
@@ -277,6 +412,7 @@ def evaluate(
     (CG-VLM patch-token similarity); plus `heldout_ntp_loss`, `eval_pairs`, `eval_seconds`."""
     t0 = time.perf_counter()
     model.eval()
+    ensure_embedding_mean(model, cfg, data.captions)
     dev = model.projector_device()
     text_cache = text_cache if text_cache is not None else cache.TextStateCache()
     frozen_text = model.text_path_frozen()
@@ -310,7 +446,8 @@ def evaluate(
         metrics |= {f"comp_patch_{c}": v for c, v in compositional_accuracy(pos, neg, cats).items()}
 
     log.info("eval: compositional done at %.1f s", time.perf_counter() - t0)
-    metrics["heldout_ntp_loss"] = heldout_ntp_loss(model, data, cfg)
+    if data.captions:
+        metrics["heldout_ntp_loss"] = heldout_ntp_loss(model, data, cfg)
     metrics["eval_pairs"] = float(len(data.captions))
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
@@ -342,6 +479,11 @@ ROWS = {
     "mcq_gen_unparsed": ("MCQ answers not parsed (%)", "{:.1f}"),
     "caption_cider": ("CIDEr", "{:.3f}"),
     "caption_bleu4": ("BLEU-4", "{:.3f}"),
+    "eval_pairs": ("held-out pairs (count)", "{:.0f}"),
+    "compositional_items": ("compositional items (count)", "{:.0f}"),
+    "kp_images": ("Karpathy test images (count)", "{:.0f}"),
+    "zs_images": ("zero-shot images (count)", "{:.0f}"),
+    "mcq_items": ("MCQ items (count)", "{:.0f}"),
     "train_ntp_loss": ("final train NTP loss", "{:.3f}"),
     "heldout_ntp_loss": ("held-out NTP loss", "{:.3f}"),
     "train_s": ("train wall time (s)", "{:.0f}"),

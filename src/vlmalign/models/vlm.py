@@ -4,12 +4,18 @@ Sequences carry one `<image>` id per visual token; `splice` puts the projector's
 those positions of the LLM input embeddings. The model offers:
 
 - `visual_tokens`: images (or cached tower features) -> [B, Q, D];
-- `ntp`: the next-token loss on caption tokens, LM head only at label positions (and, for
-  "prompted" caption sequences, the prompted image state from the same pass);
+- `sequence_states`: final hidden states of spliced sequences (captions, conversations),
+  continuing the cached prompt prefix when it can; `output_head` gives the LM head's
+  weights, so the objective (objective.py) computes the next-token loss where it wants;
 - `image_states` / `text_states`: prompted last-token hidden states (E5-V style);
 - `embed_images` / `embed_texts`: L2-normalised (optionally centred) embeddings, no grad;
 - `generate`: captions or answers;
 - `save_pretrained` / `from_pretrained`: one folder that reloads exactly.
+
+[Contract] The model returns states and never computes a loss: one batch flows
+vision -> projector -> splice -> LLM -> objective -> losses. Switches that change how
+states are computed without changing them (`llm.prefix_kv`, `llm.lean_mlp`) are read
+from the config set by `set_config`.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from vlmalign import losses
 from vlmalign.config import Config, load_config
-from vlmalign.data.collate import CAPTION_FORMATS, IGNORE_INDEX, CaptionPrompt
+from vlmalign.models import memory
 from vlmalign.models.language import IMAGE_TOKEN, load_llm
 from vlmalign.models.lora import add_lora, is_lora, lora_parameters
 from vlmalign.models.projector import build_projector
 from vlmalign.models.prompts import (
+    CAPTION_FORMATS,
+    IGNORE_INDEX,
     SENTENCE_MARK,
+    CaptionPrompt,
     PromptTemplate,
     SoftPrompt,
     expand_image_tokens,
@@ -92,6 +100,10 @@ class VLM(nn.Module):
     @classmethod
     def build(cls, cfg: Config) -> VLM:
         """Build every part from the config: tower, LLM (+ tokenizer), fresh projector."""
+        if cfg.from_llava:  # tower, projector and LLM from one LLaVA folder (llava_format.py)
+            from vlmalign.llava_format import build_from_llava
+
+            return build_from_llava(cfg, cls)
         vision = build_vision_tower(cfg.vision)
         llm, tokenizer = load_llm(cfg.llm)
         if cfg.lora.enabled:
@@ -111,10 +123,18 @@ class VLM(nn.Module):
     def projector_device(self) -> torch.device:
         return next(self.projector.parameters()).device
 
-    def set_config(self, cfg: Config) -> None:
-        """Adopt `cfg` (e.g. another recipe on the same backbone): rebuild the prompt
-        templates, their cached prefixes and (when enabled) the soft prompts."""
+    def adopt_switches(self, cfg: Config) -> None:
+        """Take `cfg` whose embedding settings equal the current ones (the same recipe with
+        other optimisation switches, or another recipe on the same prompts): the config and
+        `llm.lean_mlp`, keeping the prompts and their cached prefixes."""
         self.cfg = cfg
+        memory.set_lean(self.llm, cfg.llm.lean_mlp)
+
+    def set_config(self, cfg: Config) -> None:
+        """Adopt `cfg` (e.g. another recipe on the same backbone): `adopt_switches`, then
+        rebuild the prompt templates, their cached prefixes and (when enabled) the soft
+        prompts."""
+        self.adopt_switches(cfg)
         e, tok = cfg.embedding, self.tokenizer
         self.image_template = PromptTemplate.build(tok, e.image_prompt, IMAGE_TOKEN, e.chat_template)
         self.text_template = PromptTemplate.build(tok, e.text_prompt, SENTENCE_MARK, e.chat_template)
@@ -142,8 +162,8 @@ class VLM(nn.Module):
         return self.vision.preprocess(images)
 
     def tower_features(self, pixel_values: Tensor) -> Tensor:
-        """[B, 3, H, W] -> [B, P, Dv]; no grad when the tower is frozen."""
-        if self.cfg.vision.frozen:
+        """[B, 3, H, W] -> [B, P, Dv]; no grad when no tower weight trains."""
+        if not any(p.requires_grad for p in self.vision.parameters()):
             with torch.no_grad():
                 return self.vision(pixel_values)
         return self.vision(pixel_values)
@@ -235,45 +255,52 @@ class VLM(nn.Module):
         t = self.image_template
         return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
 
-    def _cut_prefix(self, input_ids: Tensor, labels: Tensor) -> int:
+    def prefix_cut(self, input_ids: Tensor, labels: Tensor) -> int:
         """How many leading tokens of every row equal the cached image-prompt prefix and can
-        come from its keys/values: 0 unless the LLM is frozen, all rows start with it and
-        no label lies in it or right after it (its prediction would need the prefix state)."""
+        come from its keys/values: 0 unless `llm.prefix_kv` is on, the LLM is frozen, all
+        rows start with it and no label lies in it or right after it (its prediction would
+        need the prefix state)."""
         ids = self._image_prefix.ids
         n = len(ids)
-        if not n or input_ids.shape[1] <= n or not self.llm_frozen():
+        if not n or input_ids.shape[1] <= n or not self.prefix_cache_on():
             return 0
         head = torch.tensor(ids, device=input_ids.device)
         same = bool((input_ids[:, :n] == head).all())
         return n if same and bool((labels[:, : n + 1] == IGNORE_INDEX).all()) else 0
 
-    def ntp(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor, state_at: int | None = None
-    ) -> dict[str, Tensor]:
-        """Next-token loss on label positions (LM head applied there only).
+    def prefix_cache_on(self) -> bool:
+        """Whether constant prompt prefixes come from cached keys/values (`llm.prefix_kv`
+        and a frozen LLM)."""
+        return self.cfg.llm.prefix_kv and self.llm_frozen()
+
+    def sequence_states(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor
+    ) -> tuple[Tensor, int]:
+        """Final hidden states of spliced sequences [B, T] (captions, conversations) and
+        the number of leading positions they leave out: (hidden [B, T - cut, D], cut).
 
         Sequences that start with the image prompt's constant prefix (the "prompted"
-        caption format) continue its cached keys/values when the LLM is frozen (exact; the
-        prefix holds no label). With `state_at` (the batch's `prompt_state_at`), the result
-        also holds `prompt_state` [B, D]: the final hidden state at that position, i.e. the
-        raw prompted image state of the same pass (equal to `image_states(visual)`)."""
-        cut = self._cut_prefix(input_ids, labels)
+        caption format) continue its cached keys/values (`prefix_cut`; exact, the prefix
+        holds no label), so hidden[:, t] is the state of position cut + t. `labels` [B, T]
+        only decide the cut."""
+        cut = self.prefix_cut(input_ids, labels)
         prefix = self._image_prefix if cut else None
-        hidden = self.hidden_states(input_ids[:, cut:], attention_mask[:, cut:], visual, prefix)  # [B, T - cut, D]
+        return self.hidden_states(input_ids[:, cut:], attention_mask[:, cut:], visual, prefix), cut
+
+    def output_head(self) -> tuple[Tensor, Tensor | None, float | None]:
+        """The LM head as tensors: (weight [V, D], bias [V] or None, final-logit softcap or
+        None), for the objective's next-token loss."""
         head = self.llm.get_output_embeddings()
-        softcap = getattr(self.llm.config, "final_logit_softcapping", None)
-        out = losses.next_token_loss(hidden, labels[:, cut:], head.weight, head.bias, logit_softcap=softcap)
-        if state_at is not None:
-            out["prompt_state"] = hidden[:, state_at - cut]  # [B, D]
-        return out
+        return head.weight, head.bias, getattr(self.llm.config, "final_logit_softcapping", None)
 
     # ----------------------------------------------------------------- embeddings
     def _prompted(
         self, template: PromptTemplate, soft: SoftPrompt | None, prefix: PromptPrefix, middles: list[list[int]]
     ) -> tuple[Tensor, Tensor, Tensor, PromptPrefix | None]:
         """Right-padded ids, attention mask and soft-position mask [B, T] of prompts around
-        each middle, without the cached prefix when the LLM is frozen (then also returned)."""
-        cut = len(prefix.ids) if self.llm_frozen() else 0
+        each middle, without the cached prefix when it is cached (`prefix_cache_on`; the
+        prefix is then also returned)."""
+        cut = len(prefix.ids) if self.prefix_cache_on() else 0
         rows = [template.ids(m) for m in middles]
         rows = [(ids[cut:], soft_mask[cut:]) for ids, soft_mask in rows]
         t = max(len(ids) for ids, _ in rows)

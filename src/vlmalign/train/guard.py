@@ -1,13 +1,16 @@
 """Guards for long runs: skip steps with a non-finite loss or gradient, stop on a signal.
 
-`NonFiniteGuard` is called after backward and before `optimizer.step()`:
+`NonFiniteGuard.should_skip` is called after backward and clipping, before
+`optimizer.step()` (train/step.py `optimizer_step`):
 
-    loss, parts = step_module(batch)
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and guard.check(loss, params, state.step, batch_ids):
-        optimizer.zero_grad(set_to_none=True)   # drop the poisoned gradients
-        continue                                # no optimizer.step(), no clipping
-    ...clip, optimizer.step()...
+    parts = accumulate_gradients(...)                     # backward
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    if not guard.should_skip(loss, params, step, batch_ids, grad_norm=grad_norm):
+        optimizer.step()                                  # a poisoned step changes nothing
+    optimizer.zero_grad(set_to_none=True)
+
+Clipping a non-finite gradient leaves it non-finite (its norm is NaN/inf), so checking
+the clip's total norm is the check of every gradient, without a second pass over them.
 
 `StopSignal` turns SIGTERM / SIGINT into a flag the loop polls between steps, so the run
 can save a checkpoint of the step it is on and exit cleanly (a cluster's pre-emption
@@ -64,7 +67,7 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.skipped_steps: list[int] = []  # the last few, for the log and the metrics
 
-    def check(
+    def should_skip(
         self,
         loss: Tensor,
         params: Iterable[Tensor],
@@ -73,7 +76,7 @@ class NonFiniteGuard:
         grad_norm: Tensor | float | None = None,
     ) -> bool:
         """True when this step must be skipped: `loss` or a gradient of `params` is not
-        finite. Call it after backward, before clipping and `optimizer.step()`.
+        finite. Call it after backward and clipping, before `optimizer.step()`.
 
         `params`: the trained parameters (their `.grad`; None grads are ignored).
         `grad_norm`: a total gradient norm already computed (e.g. returned by clipping);

@@ -1,14 +1,18 @@
-"""Recipes: which parts a stage trains. A recipe is one YAML under configs/ (its losses
-and hyper-parameters) plus one entry here (what it unfreezes); the trainer never changes.
+"""Recipes: which parts a stage trains. A recipe is one YAML under configs/ named after it
+(`configs/<name>.yaml`: its losses and hyper-parameters) plus one entry here (what it
+unfreezes); the trainer never changes.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vlmalign.models.registry import Registry
-from vlmalign.models.vlm import VLM
+
+if TYPE_CHECKING:
+    from vlmalign.models.vlm import VLM
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +21,8 @@ log = logging.getLogger(__name__)
 class Recipe:
     name: str
     paper: str
-    # Model parts trained: "projector", "llm", "vision".
+    # Model parts trained: "projector", "llm" (and "vision" whenever vision.frozen=false).
     trains: tuple[str, ...]
-    # Config file under configs/ that holds its losses and defaults.
-    config: str
     # Training data: "captions" (image-caption pairs), "conversations" (LLaVA
     # instruction data) or "short_long" (short and long captions, VladVA).
     data: str = "captions"
@@ -39,12 +41,12 @@ def _add(recipe: Recipe) -> None:
     RECIPES.register(recipe.name)(recipe)
 
 
-_add(Recipe("align", "LLaVA stage 1 (Liu et al. 2023)", ("projector",), "align.yaml"))
-_add(Recipe("align-cg", "CG-VLM (Liu et al. 2023, arXiv 2311.17945)", ("projector",), "align-cg.yaml"))
-_add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",), "align-clip.yaml"))
-_add(Recipe("instruct", "LLaVA stage 2 (Liu et al. 2023) / CG-VLM", ("projector", "llm"), "instruct.yaml",
+_add(Recipe("align", "LLaVA stage 1 (Liu et al. 2023)", ("projector",)))
+_add(Recipe("align-cg", "CG-VLM (Liu et al. 2023, arXiv 2311.17945)", ("projector",)))
+_add(Recipe("align-clip", "Ak et al. (ECCV Workshops 2024)", ("projector",)))
+_add(Recipe("instruct", "LLaVA stage 2 (Liu et al. 2023) / CG-VLM", ("projector", "llm"),
             data="conversations", evals=("mcq",)))
-_add(Recipe("discriminative", "VladVA (Ouali et al. 2025)", ("projector", "llm"), "discriminative.yaml",
+_add(Recipe("discriminative", "VladVA (Ouali et al. 2025)", ("projector", "llm"),
             data="short_long", optional=("llm",)))
 
 
@@ -62,6 +64,8 @@ def apply_recipe(model: VLM, recipe: Recipe) -> list[str]:
         log.info("recipe %s: llm.frozen=true and lora.enabled=false, the LLM stays frozen", recipe.name)
     trains = [p for p in recipe.trains
               if not (p == "projector" and cfg.projector.frozen) and not (p == "llm" and llm_off and p in recipe.optional)]
+    if not cfg.vision.frozen:  # any recipe fine-tunes the tower when asked to
+        trains.append("vision")
     for part in trains:
         model.unfreeze(part)
     if model.image_soft is not None or model.text_soft is not None:

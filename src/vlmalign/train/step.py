@@ -23,12 +23,25 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from vlmalign.data.collate import IGNORE_INDEX
+from vlmalign import dist
+from vlmalign.models.prompts import IGNORE_INDEX
 from vlmalign.objective import Objective
+from vlmalign.train.guard import NonFiniteGuard
+
+
+class TrainStep(nn.Module):
+    """Model + objective as one module, so Accelerate wraps every trainable parameter."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict, replay: dict | None = None):
+        return self.objective(self.model, batch, replay)
 
 
 def label_tokens(batch: dict) -> int:
@@ -38,17 +51,28 @@ def label_tokens(batch: dict) -> int:
 
 
 def _world(objective: Objective) -> int:
-    if objective.gather and dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return dist.world_size() if objective.gather else 1
 
 
-def _global_sum(value: int, objective: Objective, device: torch.device) -> int:
-    if _world(objective) == 1:
-        return value
-    t = torch.tensor(value, device=device, dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t)
+def optimizer_step(
+    accelerator: Accelerator, step_module: nn.Module, objective: Objective, batches: list[dict],
+    params: list[Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
+    guard: NonFiniteGuard | None = None, step: int = 0,
+) -> tuple[dict[str, float], Tensor]:
+    """One optimizer step on the effective batch `batches`: gradients
+    (`accumulate_gradients`), clipping to `max_grad_norm`, the guard's check (a step with a
+    non-finite loss or gradient changes nothing), `optimizer.step()`, the temperature's
+    clamp, zeroed gradients. The trainer and `vlmalign bench` both take this step.
+    Returns (the logged loss parts, the gradient norm before clipping)."""
+    parts = accumulate_gradients(accelerator, step_module, objective, batches)
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    ids = [i for b in batches for i in b["index"].tolist()] if "index" in batches[0] else None
+    loss = torch.tensor(parts.get("loss", 0.0))
+    if guard is None or not guard.should_skip(loss, params, step, ids, grad_norm=grad_norm):
+        optimizer.step()
+        objective.clamp_logit_scale_()
+    optimizer.zero_grad(set_to_none=True)
+    return parts, grad_norm
 
 
 def accumulate_gradients(
@@ -66,9 +90,9 @@ def accumulate_gradients(
     cfg = objective.cfg
     n_k = [label_tokens(b) for b in batches]
     world = _world(objective)
-    n_total = _global_sum(sum(n_k), objective, model.projector_device())
+    n_total = dist.sum_over_ranks(sum(n_k), model.projector_device()) if world > 1 else sum(n_k)
     # Rank r's micro-batch k contributes W * S_rk / N: the mean over ranks (DDP) of the
-    # ranks' sums is then the global per-token mean (objective.rank_token_weight).
+    # ranks' sums is then the global per-token mean (dist.rank_token_weight).
     factors = [world * n / max(n_total, 1) for n in n_k]
 
     grads: list[dict[str, Tensor]] = [{} for _ in batches]
