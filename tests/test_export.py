@@ -54,7 +54,7 @@ def test_merged_export_loads_in_plain_transformers_and_matches(lora_checkpoint, 
     original = _load(load_checkpoint, lora_checkpoint)
     assert is_lora(original.llm)
     out = export_checkpoint(lora_checkpoint.parent, tmp_path / "export")  # the run folder: its latest
-    assert sorted(p.name for p in out.iterdir()) == ["llm", "vlm"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "llm", "vlm"]
 
     plain = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True).eval()
     assert not any("lora" in n for n, _ in plain.named_parameters())
@@ -86,7 +86,7 @@ def test_merged_export_loads_in_plain_transformers_and_matches(lora_checkpoint, 
 def test_unmerged_export_keeps_adapters_and_survives_a_move(lora_checkpoint, shapes_root, tmp_path):
     original = _load(load_checkpoint, lora_checkpoint)
     out = export_checkpoint(lora_checkpoint, tmp_path / "a" / "export", merge_lora=False)
-    assert sorted(p.name for p in out.iterdir()) == ["llm", "llm-lora", "vlm"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "llm", "llm-lora", "vlm"]
     moved = out.rename(tmp_path / "moved")  # the config's absolute llm path is now stale
     rebuilt = _load(load_export, moved / "vlm")
     assert is_lora(rebuilt.llm)

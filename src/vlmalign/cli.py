@@ -8,6 +8,7 @@
     vlmalign chat --checkpoint runs/instruct --image cat.jpg --prompt "What is in the image?"
     vlmalign caption --checkpoint runs/align-cg --images photos/ --out captions.jsonl
     vlmalign export runs/instruct --merge-lora --out exported/
+    vlmalign export runs/instruct --format llava --out llava-export/
     vlmalign embed --checkpoint runs/discriminative --images photos/ --out photos.safetensors
     vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
@@ -178,8 +179,17 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vlmalign.export import export_checkpoint
+    from vlmalign.export import export_checkpoint, export_llava
+    from vlmalign.llava_format import NotExpressibleError
 
+    if args.format == "llava":
+        try:
+            out = export_llava(args.checkpoint, args.out)
+        except NotExpressibleError as e:
+            console.print(f"[red]export --format llava:[/] {e}", highlight=False)
+            return 2
+        console.print(f"exported {args.checkpoint} to {out} (LlavaForConditionalGeneration; README.md is its model card)")
+        return 0
     out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora)
     console.print(f"exported {args.checkpoint} to {out} (llm/: plain transformers, vlm/: vlmalign)")
     return 0
@@ -374,11 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--max-new-tokens", type=int, default=32)
     cp.set_defaults(fn=_cmd_caption)
 
-    ex = sub.add_parser("export", help="write a checkpoint as a plain transformers LLM + a vlmalign folder")
+    ex = sub.add_parser("export", help="write a checkpoint as a plain transformers LLM + a vlmalign folder, or as LLaVA")
     ex.add_argument("checkpoint")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--format", choices=["vlmalign", "llava"], default="vlmalign",
+                    help="vlmalign: llm/ + vlm/ folders (any checkpoint); llava: one transformers "
+                         "LlavaForConditionalGeneration folder (HF CLIP/SigLIP tower, mlp2x_gelu projector; LoRA merged)")
     ex.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
-                    help="fold LoRA adapters into the LLM weights (default) or keep them apart")
+                    help="fold LoRA adapters into the LLM weights (default) or keep them apart (vlmalign format)")
     ex.set_defaults(fn=_cmd_export)
 
     em = sub.add_parser("embed", help="embed images or texts with a trained model into a safetensors file")

@@ -2,6 +2,7 @@
 
 ```
 OUT/
+  README.md  the model card (model_card.py)
   llm/    a plain transformers causal LM: config.json, model.safetensors,
           generation_config.json and the tokenizer (LoRA merged when asked)
   llm-lora/  only with merge_lora=False on a LoRA checkpoint: the peft adapter
@@ -23,6 +24,9 @@ The vision tower is rebuilt from `vision.tower` / `vision.name` as a checkpoint 
 packaged EfficientNet-Lite0, a timm model, an HF directory); only tower weights that
 were trained travel in `vlm/model.safetensors`. Copy a local HF tower directory along
 with the export if the tower is not packaged.
+
+`export_llava` writes the transformers LLaVA format instead (llava_format.py): one
+`LlavaForConditionalGeneration` folder that plain transformers, vLLM and lmms-eval read.
 """
 
 from __future__ import annotations
@@ -117,10 +121,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
     go to `llm-lora/` (peft format) and `vlm/model.safetensors`. Returns `out_dir`.
     Reload the VLM with `load_export(out_dir)`. An existing non-empty `out_dir` is refused.
     """
+    from vlmalign.model_card import write_model_card
+
     checkpoint = _resolve_checkpoint(Path(checkpoint_dir))
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder or remove it")
+    out = _fresh_out(Path(out_dir))
     model = VLM.from_pretrained(checkpoint)
     model.requires_grad_(False)
     model.eval()
@@ -167,6 +171,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
             "recipe": getattr(cfg, "recipe", ""),
         }
         (vdir / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        flag = "" if merge_lora else " --no-merge-lora"
+        write_model_card(tmp, cfg, checkpoint, export_format="vlmalign",
+                         export_command=f"vlmalign export {checkpoint}{flag} --out {out}")
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -174,6 +181,47 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (LoRA %s)", checkpoint, out, meta["lora"])
+    return out
+
+
+def _fresh_out(out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder or remove it")
+    return out
+
+
+def export_llava(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint as a transformers `LlavaForConditionalGeneration` folder
+    (llava_format.py): weights with LoRA merged, processor, tokenizer with `<image>`,
+    the sidecar and a model card. Refuses, naming the reason, a checkpoint whose tower or
+    projector LLaVA cannot express. An existing non-empty `out_dir` is refused."""
+    from safetensors.torch import load_file
+
+    from vlmalign.llava_format import check_exportable, write_llava
+    from vlmalign.model_card import write_model_card
+    from vlmalign.train.checkpoint import OBJECTIVE_NAME
+
+    checkpoint = _resolve_checkpoint(Path(checkpoint_dir))
+    out = _fresh_out(Path(out_dir))
+    model = VLM.from_pretrained(checkpoint)
+    model.requires_grad_(False)
+    model.eval()
+    check_exportable(model)  # before anything is written
+    cfg = model.cfg
+    objective = load_file(str(checkpoint / OBJECTIVE_NAME)) if (checkpoint / OBJECTIVE_NAME).is_file() else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
+    try:
+        write_llava(model, tmp, objective)
+        write_model_card(tmp, cfg, checkpoint, export_format="llava", tags=("llava",),
+                         export_command=f"vlmalign export {checkpoint} --format llava --out {out}")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to %s (LLaVA format)", checkpoint, out)
     return out
 
 
