@@ -1,4 +1,4 @@
-"""Command line: vlmalign train | eval | data | chat | caption | embed | search | export | report | bench | config | baseline | experiment | demo.
+"""Command line: vlmalign train | eval | data | chat | caption | embed | search | serve | export | report | bench | config | baseline | experiment | demo.
 
     vlmalign train align-cg train.max_steps=200 train.lr=5e-4
     vlmalign train configs/align.yaml data.root=/data/coco
@@ -11,6 +11,7 @@
     vlmalign export runs/instruct --format llava --out llava-export/
     vlmalign embed --checkpoint runs/discriminative --images photos/ --out photos.safetensors
     vlmalign search --checkpoint runs/discriminative --index photos.safetensors "a red car"
+    vlmalign serve runs/instruct --index photos.safetensors
     vlmalign data shard --from data/shapes --out data/shards --shard-size 1000
     vlmalign report runs/align runs/align-cg
     vlmalign bench --recipes align,align-clip --steps 8
@@ -192,6 +193,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora)
     console.print(f"exported {args.checkpoint} to {out} (llm/: plain transformers, vlm/: vlmalign)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vlmalign.serve import serve
+
+    serve(args.checkpoint, args.index, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -394,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fold LoRA adapters into the LLM weights (default) or keep them apart (vlmalign format)")
     ex.set_defaults(fn=_cmd_export)
 
+    sv = sub.add_parser("serve", help="a local web page (Gradio): chat about an image, caption it, search an index")
+    sv.add_argument("checkpoint", help="checkpoint, run folder or export folder")
+    sv.add_argument("--index", default=None, help="an image index written by `vlmalign embed --images` (the Search tab)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--max-new-tokens", type=int, default=64)
+    sv.set_defaults(fn=_cmd_serve)
+
     em = sub.add_parser("embed", help="embed images or texts with a trained model into a safetensors file")
     em.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest)")
     em.add_argument("--images", help="a folder of images (searched recursively)")
@@ -415,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="IVF lists searched per query, recall vs time (default: search_index.DEFAULT_NPROBE)")
     se.set_defaults(fn=_cmd_search)
 
-    bn = sub.add_parser("bench", help="time one training step per recipe, optimised vs naive (ms, samples/s, memory, MFU)")
+    bn = sub.add_parser("bench", help="time the training step of each recipe, defaults vs naive (ms, samples/s, memory, MFU)")
     bn.add_argument("--recipes", default="", help="comma list; default all five")
     bn.add_argument("--llm", default="smollm2-135m")
     bn.add_argument("--tower", default="efficientnet-lite0")
@@ -427,10 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--ablate", default="", help="recipes to time with each optimisation off in turn")
     bn.add_argument("--threads", default="", help="extra optimised rows at these thread counts, e.g. 1,2")
     bn.add_argument("--num-threads", type=int, default=None)
-    bn.add_argument("--caption-format", default="prompted", choices=["plain", "prompted"])
+    bn.add_argument("--caption-format", default="", choices=["", "plain", "prompted"],
+                    help="caption sequences of the caption recipes (default: the config's, as training uses)")
+    bn.add_argument("--extra-formats", default="",
+                    help="also time the caption recipes' optimised step in these formats, e.g. prompted")
     bn.add_argument("--data-root", default=None)
     bn.add_argument("--feature-store", default=None, help="a folder for the on-disk feature cache")
-    bn.add_argument("--plain-reference", action="store_true", help="also time align on plain captions")
+    bn.add_argument("--plain-reference", action="store_true", help="same as --extra-formats plain")
     bn.add_argument("--json", default=None, help="where to write the JSON (default: printed path)")
     bn.add_argument("overrides", nargs="*")
     bn.set_defaults(fn=_cmd_bench)

@@ -255,14 +255,14 @@ class VLM(nn.Module):
         t = self.image_template
         return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
 
-    def prefix_cut(self, input_ids: Tensor, labels: Tensor) -> int:
+    def prefix_cut(self, input_ids: Tensor, labels: Tensor, use_cache: bool | None = None) -> int:
         """How many leading tokens of every row equal the cached image-prompt prefix and can
-        come from its keys/values: 0 unless `llm.prefix_kv` is on, the LLM is frozen, all
-        rows start with it and no label lies in it or right after it (its prediction would
-        need the prefix state)."""
+        come from its keys/values: 0 unless the cache is on (`use_cache`, default
+        `prefix_cache_on()`), all rows start with it and no label lies in it or right after
+        it (its prediction would need the prefix state)."""
         ids = self._image_prefix.ids
         n = len(ids)
-        if not n or input_ids.shape[1] <= n or not self.prefix_cache_on():
+        if not n or input_ids.shape[1] <= n or not (self.prefix_cache_on() if use_cache is None else use_cache):
             return 0
         head = torch.tensor(ids, device=input_ids.device)
         same = bool((input_ids[:, :n] == head).all())
@@ -294,13 +294,16 @@ class VLM(nn.Module):
         return head.weight, head.bias, getattr(self.llm.config, "final_logit_softcapping", None)
 
     # ----------------------------------------------------------------- embeddings
-    def _prompted(
-        self, template: PromptTemplate, soft: SoftPrompt | None, prefix: PromptPrefix, middles: list[list[int]]
+    def prompt_batch(
+        self, kind: str, middles: list[list[int]], use_cache: bool | None = None
     ) -> tuple[Tensor, Tensor, Tensor, PromptPrefix | None]:
-        """Right-padded ids, attention mask and soft-position mask [B, T] of prompts around
-        each middle, without the cached prefix when it is cached (`prefix_cache_on`; the
-        prefix is then also returned)."""
-        cut = len(prefix.ids) if self.prefix_cache_on() else 0
+        """Right-padded ids, attention mask and soft-position mask [B, T] of the `kind`
+        ("image" or "text") embedding prompt around each middle, without its constant
+        prefix when that comes from cached keys/values (`use_cache`, default
+        `prefix_cache_on()`; the prefix is then also returned)."""
+        template, soft, prefix = ((self.image_template, self.image_soft, self._image_prefix) if kind == "image"
+                                  else (self.text_template, self.text_soft, self._text_prefix))
+        cut = len(prefix.ids) if (self.prefix_cache_on() if use_cache is None else use_cache) else 0
         rows = [template.ids(m) for m in middles]
         rows = [(ids[cut:], soft_mask[cut:]) for ids, soft_mask in rows]
         t = max(len(ids) for ids, _ in rows)
@@ -311,12 +314,17 @@ class VLM(nn.Module):
         soft_mask = torch.tensor([m + [False] * (t - len(m)) for _, m in rows], device=dev)
         return ids, mask, soft_mask, (prefix if cut else None)
 
+    def sentence_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of texts for the text prompt, each cut to data.long_max_tokens."""
+        limit = self.cfg.data.long_max_tokens
+        return [ids[:limit] for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
+
     def image_states(self, visual: Tensor) -> Tensor:
         """Prompted last-token states [B, D] for visual tokens [B, Q, D] (all prompts share
         one length, so there is no padding)."""
         b = visual.shape[0]
         middle = [self.image_token_id] * self.num_visual_tokens
-        ids, mask, soft_mask, prefix = self._prompted(self.image_template, self.image_soft, self._image_prefix, [middle])
+        ids, mask, soft_mask, prefix = self.prompt_batch("image", [middle])
         ids, mask, soft_mask = ids.expand(b, -1), mask.expand(b, -1), soft_mask.expand(b, -1)
         embeds = self.splice(ids, visual)  # [B, T, D]
         if self.image_soft is not None:
@@ -326,9 +334,7 @@ class VLM(nn.Module):
     def text_states(self, texts: list[str]) -> Tensor:
         """Prompted last-token states [B, D] of texts under the text prompt (each text cut
         to data.long_max_tokens tokens)."""
-        limit = self.cfg.data.long_max_tokens
-        middles = [ids[:limit] for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
-        ids, mask, soft_mask, prefix = self._prompted(self.text_template, self.text_soft, self._text_prefix, middles)
+        ids, mask, soft_mask, prefix = self.prompt_batch("text", self.sentence_ids(texts))
         embeds = self.input_embeddings(ids)  # [B, T, D]
         if self.text_soft is not None:
             embeds = self.text_soft.scatter(embeds, soft_mask)
