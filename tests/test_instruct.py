@@ -142,7 +142,8 @@ def test_cli_eval_of_an_instruct_run_scores_mcq_and_captions(tiny_cfg, capsys):
     cfg = tiny_cfg("instruct", QA, "train.max_steps=1", "data.eval_max_samples=6")
     result = train(cfg)
     assert main(["eval", "--caption", str(result.checkpoint.parent)]) == 0
-    metrics = json.loads((result.checkpoint / "metrics.json").read_text())["metrics"]
+    eval_dir = result.checkpoint.parent / f"eval-{result.checkpoint.name}"  # beside the checkpoint, never in it
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert metrics["mcq_items"] == 6 and 0 <= metrics["mcq_lik_acc"] <= 100
     assert "caption_cider" in metrics and 0 <= metrics["caption_bleu4"] <= 1
     assert "MCQ acc, likelihood" in capsys.readouterr().out
