@@ -51,7 +51,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         {**good, "id": "e", "answer": True},  # bool is not an index
         {**good, "id": "f", "choices": ["red"], "answer": 0},  # too few
         {**good, "id": "g", "image": "nope.png"},  # missing image
-        {**good, "id": "h", "choices": ["red", "Red "]},  # duplicate options
+        {**good, "id": "h", "choices": ["red", "red "]},  # duplicate options (exact, after stripping)
         {**good, "id": "i", "choices": ["red", ""]},  # empty option
         {**good, "id": "j", "question": "  "},  # empty question
         {**good, "id": "k", "hint": 3},  # wrong type of an optional field

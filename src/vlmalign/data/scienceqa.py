@@ -24,8 +24,8 @@ and the answer is the option's letter alone ("B").
 Loader skip reasons (counted in the `LoadReport` with `file:[index]` or `file:pid`):
 `malformed_json` (a JSONL line), `not_an_object`, `missing_key`, `wrong_type`,
 `empty_question`, `empty_choice`, `too_few_choices` (< 2), `too_many_choices` (> 26
-letters), `duplicate_choices` (two options with the same text: option-text parsing and
-training targets would be ambiguous), `answer_out_of_range`, `duplicate_record` (equal
+letters), `duplicate_choices` (two options with exactly the same text: the answer would
+be ambiguous; options differing only in case, as ScienceQA has, stay distinct), `answer_out_of_range`, `duplicate_record` (equal
 to an earlier record; ScienceQA: a pid listed twice), `outside_root` (an image path
 leaving the data root, unless `allow_outside_root`), `missing_image`, `unknown_pid`
 (ScienceQA: a pid in the split list but not in problems). As in `formats.py`, a repeated
@@ -177,8 +177,7 @@ def _parse_fields(rec: Any, where: str, report: LoadReport) -> tuple[str, list[s
     if not all(choices):
         report.skip("empty_choice", where, f"choice {choices.index('')} is empty")
         return None
-    lowered = [c.lower() for c in choices]
-    if len(set(lowered)) != len(lowered):
+    if len(set(choices)) != len(choices):  # exact: options differing only in case are distinct (ScienceQA has them)
         report.skip("duplicate_choices", where, f"two options have the same text: {choices}")
         return None
     if not isinstance(answer, int) or isinstance(answer, bool):

@@ -79,8 +79,11 @@ def _by_text(text: str, choices: Sequence[str]) -> int | None:
     """The option whose text the answer is, or names unambiguously, or None."""
     said = _normalise(text)
     opts = [_normalise(c) for c in choices]
-    if not said or any(not o for o in opts) or len(set(opts)) != len(opts):
+    if not said or any(not o for o in opts):
         return None
+    if len(set(opts)) != len(opts):  # options differing only in case or punctuation: exact text only
+        exact = [k for k, c in enumerate(choices) if c.strip() == text.strip()]
+        return exact[0] if len(exact) == 1 else None
     if said in opts:
         return opts.index(said)
     inside = [k for k, o in enumerate(opts) if _contains_words(said, o)]
