@@ -211,13 +211,22 @@ def load_conversations(
     root = Path(image_root) if image_root is not None else path.parent
     out: list[Conversation] = []
     dups = DuplicateTracker(report)
-    for i, (where, rec) in enumerate(_read_records(path, report)):
+    records = _read_records(path, report)
+    for i, (where, rec) in enumerate(records):
         conv = _parse_conversation(
             rec, where, f"{path.stem}-{i}", root, report, check_images, allow_text_only, allow_outside_root, dups
         )
         if conv is not None:
             out.append(conv)
             report.loaded += 1
+    if records and not any(isinstance(rec, dict) and "conversations" in rec for _, rec in records):
+        first = records[0][1]
+        keys = f"keys {sorted(first)[:8]}" if isinstance(first, dict) else f"a JSON {json_type(first)}"
+        raise ValueError(
+            f"{path} is not a LLaVA conversation file: none of its {len(records)} records has a 'conversations' "
+            f"key (the first has {keys}). A captions file ({{\"image\", \"caption\"}} per line) trains the "
+            "align recipes; the instruct recipe needs [{\"id\", \"image\", \"conversations\": [...]}, ...]"
+        )
     return out
 
 
