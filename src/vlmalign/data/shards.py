@@ -238,7 +238,7 @@ def _source_records(source: Path, kind: str, split: str, caption_field: str, ima
             return kind, train_conversations(cfg, report)
         cfg = DataConfig(root=str(source), generate_shapes=False, train_file=f"{split}.jsonl",
                          caption_field=caption_field, allow_outside_root=allow_outside_root)
-        return kind, train_samples(cfg, report)
+        return kind, train_samples(cfg, report, holdout=False)  # a shard holds every record
     if not source.exists():
         raise FileNotFoundError(f"--from {source} does not exist; pass a captions .jsonl, a LLaVA conversation "
                                 ".json/.jsonl or a shapes-layout folder")
@@ -297,6 +297,10 @@ def shard_command(
         f"wrote {report.loaded} {what} (of {loaded} records) to {len(paths)} shards in {out}"
         + (f"; {report.summary()}" if report.total_skipped() else "")
     )
+    if report.records:  # every skipped record, with its reason and place, beside the shards
+        (Path(out) / "skipped.jsonl").unlink(missing_ok=True)
+        report.write_jsonl(Path(out) / "skipped.jsonl")
+        summary += f"; every skipped record is listed in {Path(out) / 'skipped.jsonl'}"
     print(summary)
     return {
         "out": str(out),
