@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -250,6 +252,19 @@ def write_captions(path: str | Path, captions: list[tuple[Path, str]]) -> Path:
     return path
 
 
+def describe_image_set(given: str | Path, paths: list[Path]) -> str:
+    """`N images in DIR`, naming the sub-folders they come from (with their counts) when
+    the search went into any, so a folder that holds more than expected shows it before
+    the work starts."""
+    root = Path(given)
+    if not root.is_dir():
+        return f"{len(paths)} image{'s' * (len(paths) != 1)}: {root}"
+    by_folder = Counter(p.parent.relative_to(root).parts[0] if p.parent != root else "." for p in paths)
+    subs = [f"{name}/ {n}" for name, n in by_folder.most_common() if name != "."]
+    where = f" ({by_folder['.']} at the top, in sub-folders: {', '.join(subs[:8])}{', ...' if len(subs) > 8 else ''})" if subs else ""
+    return f"{len(paths)} images in {root}, searched recursively{where}"
+
+
 def caption_command(
     checkpoint: str | Path,
     images: str | Path,
@@ -272,8 +287,22 @@ def caption_command(
     else:
         model = load_checkpoint(path)
     report = LoadReport()
-    results = caption_files(model, caption_paths(images), default_caption_prompt(model, prompt),
-                            batch_size=batch_size, max_new_tokens=max_new_tokens, report=report)
+    paths = caption_paths(images)
+    print(describe_image_set(images, paths), file=sys.stderr)
+    text = default_caption_prompt(model, prompt)
+    probe = min(len(paths), max(1, min(batch_size, 4)))
+    t0 = time.perf_counter()
+    results = caption_files(model, paths[:probe], text, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            report=report)
+    if len(paths) > probe:
+        per_image = (time.perf_counter() - t0) / probe
+        print(f"about {per_image * (len(paths) - probe):.0f} s for the other {len(paths) - probe} images "
+              f"({per_image:.2f} s per image on the first {probe})", file=sys.stderr)
+        rest = LoadReport()
+        results += caption_files(model, paths[probe:], text, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 report=rest)
+        report.absorb(rest)
+    report.loaded = len(results)
     if out:
         write_captions(out, results)
         print(f"wrote {len(results)} captions to {out}")
