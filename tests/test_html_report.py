@@ -7,10 +7,10 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 import yaml
 from PIL import Image
 
+from tests.browser import require_browser
 from vlmalign.eval.html_report import (
     default_report_path,
     expand_run_dirs,
@@ -123,8 +123,8 @@ def test_metric_labels():
     assert metric_label("something_new") == "something_new"
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
 def test_screenshot_in_headless_chromium(tmp_path: Path):
+    require_browser()  # skipped without Chromium, except in CI (.ci/run installs it)
     a = _fake_run(tmp_path, "align", 12.5)
     b = _fake_run(tmp_path, "align-clip", 40.0, contrastive="clip")
     html = write_report([a, b], tmp_path / "report.html")
