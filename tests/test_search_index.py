@@ -33,6 +33,18 @@ def test_exact_index_is_the_full_topk():
     torch.testing.assert_close(scores, (q @ x.T).topk(10, dim=1).values)
 
 
+def test_non_finite_vectors_are_refused():
+    x = clustered(50)
+    x[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 row"):
+        ExactIndex(x)
+    with pytest.raises(ValueError, match="queries"):
+        ExactIndex(clustered(50)).search(x[3:4], 5)
+    if search_index.faiss_available():
+        with pytest.raises(ValueError, match="NaN or inf"):
+            search_index.FaissIndex.build(x)
+
+
 def test_faiss_flat_and_exact_give_the_same_top10():
     pytest.importorskip("faiss", reason='FAISS not installed: pip install "vlmalign[faiss]"')
     x, q = clustered(3000), clustered(30, seed=1)

@@ -74,6 +74,12 @@ def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:
     return t.contiguous()
 
 
+def _check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} hold {int((~torch.isfinite(x)).any(dim=1).sum())} row(s) with NaN or inf; "
+                         "re-embed them (an empty image or text?) before searching")
+
+
 class ExactIndex:
     """Exhaustive inner-product search in bounded memory."""
 
@@ -82,13 +88,15 @@ class ExactIndex:
     def __init__(self, vectors: Tensor | np.ndarray) -> None:
         self.vectors = _as_matrix(vectors, "vectors")  # [N, D]
         self.ntotal = self.vectors.shape[0]
+        _check_finite(self.vectors, "vectors")  # once, not at every query
 
     def search(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
         """(scores [Q, k'], rows [Q, k']), best first, k' = min(k, N)."""
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self.vectors.shape[1]:
             raise ValueError(f"queries have size {q.shape[1]}, the index {self.vectors.shape[1]}")
-        return topk_similarity(q, self.vectors, k)
+        _check_finite(q, "queries")
+        return topk_similarity(q, self.vectors, k, check_nan=False)
 
 
 def faiss_available() -> bool:
@@ -149,10 +157,12 @@ class FaissIndex:
         `train_points_per_list * nlist` vectors, then every vector added to its list.
         """
         faiss = _faiss()
-        x = _as_matrix(vectors, "vectors").numpy()  # [N, D] float32, C-contiguous
-        n, d = x.shape
+        t = _as_matrix(vectors, "vectors")
+        n, d = t.shape
         if n == 0:
             raise ValueError("cannot index 0 vectors")
+        _check_finite(t, "vectors")  # FAISS would index NaN rows silently
+        x = t.numpy()  # [N, D] float32, C-contiguous
         if exact:
             index = faiss.IndexFlatIP(d)
         else:

@@ -50,15 +50,16 @@ def _shape(sim: Similarity) -> tuple[int, int]:
     return sim.shape[0], sim.shape[1]
 
 
-def _check_similarity(sim: Similarity) -> Similarity:
-    """Float32 views/copies of a similarity, checked: 2-D, matching dims, no NaN."""
+def _check_similarity(sim: Similarity, check_nan: bool = True) -> Similarity:
+    """Float32 views/copies of a similarity, checked: 2-D, matching dims, no NaN (a full
+    pass over the data, skipped with `check_nan=False`)."""
     if isinstance(sim, tuple):
         if len(sim) != 2:
             raise ValueError(f"a factored similarity is a pair (a [N, D], b [M, D]), got {len(sim)} items")
         a, b = (torch.as_tensor(x).detach() for x in sim)
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
             raise ValueError(f"embeddings must be [N, D] and [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")
-        for name, x in (("a", a), ("b", b)):
+        for name, x in (("a", a), ("b", b)) if check_nan else ():
             if torch.isnan(x).any():
                 raise ValueError(f"embeddings {name} contain NaN; NaN cannot be ranked")
         return a.float(), b.to(a.device).float()
@@ -125,15 +126,20 @@ class RunningTopK:
 
 @torch.no_grad()
 def topk_similarity(
-    queries: Tensor, keys: Tensor, k: int, max_block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    queries: Tensor,
+    keys: Tensor,
+    k: int,
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    check_nan: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k by inner product: for each query row the k keys of highest `q . key`.
 
     Scores are computed in float32 tiles of at most `max_block_elements` (never the whole
     [Q, N] matrix when it is larger). Returns `(scores [Q, k'], indices [Q, k'])`,
-    k' = min(k, N), best first.
+    k' = min(k, N), best first. `check_nan=False` skips the NaN check of both inputs, for
+    keys checked once and searched many times (it costs more than a one-query search).
     """
-    q, keys = _check_similarity((queries, keys))
+    q, keys = _check_similarity((queries, keys), check_nan)
     k = min(k, keys.shape[0])
     running = RunningTopK(q.shape[0], max(k, 1), device=q.device)
     if k == 0:
