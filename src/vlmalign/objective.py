@@ -227,14 +227,17 @@ class Objective(nn.Module):
                                head_at_labels=self.cfg.head_at_labels, state_at=self.shared_state_at(model, batch))
 
     def representations(
-        self, model: VLM, batch: dict, visual: Tensor, image_state: Tensor | None = None
+        self, model: VLM, batch: dict, visual: Tensor | None = None, image_state: Tensor | None = None
     ) -> dict[str, Tensor]:
         """What the contrastive terms see, per sample: `patch_v` / `patch_e` ([B, D],
         CG-VLM's factorised patch-token vectors) and `image_emb` / `text_emb` ([B_s, D],
         prompted embeddings of the `emb_rows`). `image_state` [B, D]: the raw prompted image
         states when the next-token pass already computed them (shared pass); the text
-        states come from the batch when cached (`train.cache_text_embeddings`)."""
+        states come from the batch when cached (`train.cache_text_embeddings`). `visual`
+        [B, Q, D]: the batch's visual tokens when already computed."""
         c = self.cfg
+        if visual is None:
+            visual = model.visual_tokens(batch.get("pixel_values"), batch.get("features"))
         reps: dict[str, Tensor] = {}
         if self.uses_patch:
             pooled = losses.pool_visual_tokens(visual, model.projector.output_grid, c.patch_pool)

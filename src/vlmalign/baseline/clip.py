@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 from rich.console import Console
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from vlmalign import cache
-from vlmalign.config import Config, ConfigError, _update, load_config, parse_overrides
+from vlmalign.config import Config, ConfigError, _update, load_config, parse_overrides, replace
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.sampler import LengthGroupedBatchSampler
@@ -43,6 +44,8 @@ from vlmalign.data.splits import subsample, train_samples
 from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, embedding_metrics
 from vlmalign.eval.report import write_metrics
 from vlmalign.models.vision import VisionTower, build_vision_tower
+from vlmalign.train.batches import groups as micro_batch_groups
+from vlmalign.train.step import TrainStep, optimizer_step
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -190,7 +193,8 @@ class ClipDualEncoder(nn.Module):
 
     # ------------------------------------------------------------ encoders (with grad)
     def logit_scale(self) -> Tensor:
-        return self.log_logit_scale.exp().clamp(max=self.cfg.objective.max_logit_scale)
+        """exp(t); t is clamped after each optimizer step (`ClipObjective.clamp_logit_scale_`)."""
+        return self.log_logit_scale.exp()
 
     def encode_features(self, features: Tensor) -> Tensor:
         """Pooled [B, Dv] (or patch [B, P, Dv]) tower features -> normalised [B, D]."""
@@ -270,11 +274,54 @@ def open_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> 
     return ClipLoss()(image_emb, text_emb, logit_scale)
 
 
-def _batch_features(model: ClipDualEncoder, samples: list[Sample], idx: list[int], cached: Tensor | None) -> Tensor:
+class ClipObjective(nn.Module):
+    """The CLIP peer's loss with the accumulation interface of `Objective`, so the peer
+    takes the trainer's own step (train/step.py `optimizer_step`): with grad_accum_steps
+    K > 1 its loss is exact over the K * B effective batch (GradCache), not the mean of K
+    losses over B negatives each."""
+
+    contrastive_active = True
+
+    def __init__(self, model: ClipDualEncoder) -> None:
+        super().__init__()
+        self.cfg = replace(model.cfg, ["objective.ntp_weight=0"]).objective
+        self.gather = False
+        self._model = [model]  # not a submodule: its parameters belong to the model
+
+    def representations(self, model: ClipDualEncoder, batch: dict) -> dict[str, Tensor]:
+        """Normalised image and text embeddings [B, D] of a batch."""
+        features = batch.get("features")
+        if features is None:
+            features = model.tower_features(batch["pixel_values"].to(model.projector_device()))
+        return {"image_emb": model.encode_features(features), "text_emb": model.encode_texts(batch["captions"])}
+
+    def contrastive(self, reps: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        scale = self._model[0].logit_scale()
+        loss = open_clip_loss(reps["image_emb"], reps["text_emb"], scale)
+        return loss, {"clip_loss": loss, "logit_scale": scale.detach()}
+
+    def forward(self, model: ClipDualEncoder, batch: dict, replay: dict | None = None) -> tuple[Tensor, dict]:
+        reps = self.representations(model, batch)
+        if replay is not None:  # GradCache replay: d loss / d representation cached
+            total = sum((rep * replay["grads"][k].to(rep.dtype)).sum() for k, rep in reps.items())
+            return total, {"loss": total.detach()}
+        loss, parts = self.contrastive(reps)
+        return loss, parts | {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        o = self.cfg
+        self._model[0].log_logit_scale.clamp_(math.log(o.min_logit_scale), math.log(o.max_logit_scale))
+
+
+def _batch(samples: list[Sample], idx: list[int], cached: Tensor | None, model: ClipDualEncoder) -> dict:
+    """A batch of the peer: cached tower features [B, Dv] or pixels, captions, indices."""
+    batch = {"captions": [samples[i].caption for i in idx], "index": torch.tensor(idx)}
     if cached is not None:
-        return cached[idx]  # [B, Dv]
-    pixels = model.preprocess([load_image(samples[i].image) for i in idx]).to(model.projector_device())
-    return model.tower_features(pixels)  # [B, Dv], with grad through a trainable tower
+        batch["features"] = cached[idx]
+    else:
+        batch["pixel_values"] = model.preprocess([load_image(samples[i].image) for i in idx])
+    return batch
 
 
 def train_clip_baseline(
@@ -326,32 +373,27 @@ def train_clip_baseline(
     params = [p for g in groups for p in g["params"]]
 
     history: list[dict] = []
-    step, epoch, micro, running = 0, 0, 0, 0.0
+    step, epoch = 0, 0
+    window: list[float] = []
     t_train = time.perf_counter()
+    objective = ClipObjective(model)
+    step_module = TrainStep(model, objective)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.train()
     model.vision.eval()  # a frozen tower stays in eval mode anyway; a trained one keeps BN stats
     while step < tc.max_steps:
         sampler.set_epoch(epoch)
-        for idx in sampler:
-            img = model.encode_features(_batch_features(model, samples, idx, cached))  # [B, D]
-            txt = model.encode_texts([captions[i] for i in idx])  # [B, D]
-            loss = open_clip_loss(img, txt, model.logit_scale())
-            (loss / tc.grad_accum_steps).backward()
-            running += float(loss.detach())
-            micro += 1
-            if micro % tc.grad_accum_steps:
-                continue
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for group in micro_batch_groups((_batch(samples, idx, cached, model) for idx in sampler), tc.grad_accum_steps):
+            parts, _ = optimizer_step(accelerator, step_module, objective, group, params, optimizer, tc.max_grad_norm)
             scheduler.step()
             step += 1
+            window.append(parts["clip_loss"])
             if step % tc.log_every == 0 or step == tc.max_steps:
-                entry = {"step": step, "clip_loss": running / micro, "logit_scale": float(model.logit_scale().detach()),
-                         "lr": scheduler.get_last_lr()[0]}
+                entry = {"step": step, "clip_loss": sum(window) / len(window),
+                         "logit_scale": float(model.logit_scale().detach()), "lr": scheduler.get_last_lr()[0]}
                 history.append(entry)
                 console.print(f"  step {step:4d}  clip_loss {entry['clip_loss']:.4f}  scale {entry['logit_scale']:.1f}")
-                running, micro = 0.0, 0
+                window = []
             if step >= tc.max_steps:
                 break
         epoch += 1

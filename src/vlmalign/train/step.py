@@ -7,7 +7,8 @@ PR #267/#419), and averaging per-micro-batch token means weights a short caption
 more than a long one's. Here, as in GradCache (Gao et al. 2021):
 
 1. every micro-batch's contrastive representations (prompted embeddings, patch-token
-   vectors) are computed without grad;
+   vectors) are computed without grad, its RNG state kept (dropout draws the same masks
+   when it is replayed);
 2. the contrastive loss runs once over all of them (gathered across ranks), and its
    gradient with respect to each representation is kept;
 3. each micro-batch is replayed with grad, its surrogate loss sum(rep * cached grad) +
@@ -20,7 +21,7 @@ plain forward/backward.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator
@@ -42,6 +43,22 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: dict, replay: dict | None = None):
         return self.objective(self.model, batch, replay)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextmanager
+def _replayed_rng(state: tuple[Tensor, Tensor | None], device: torch.device):
+    """Run the block with the RNG state `state` (the one a micro-batch's representations
+    were computed under), leaving the outer RNG as it was: dropout then draws the same
+    masks in the replay as in the no-grad pass (GradCache's RandContext)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def label_tokens(batch: dict) -> int:
@@ -79,14 +96,18 @@ def accumulate_gradients(
     accelerator: Accelerator, step_module: nn.Module, objective: Objective, batches: list[dict]
 ) -> dict[str, float]:
     """Backward for the effective batch made of `batches` (gradients left in `.grad`);
-    returns the logged loss parts of the effective batch."""
+    returns the logged loss parts of the effective batch.
+
+    `objective` is an `Objective`, or any module with its accumulation interface
+    (`contrastive_active`, `gather`, `cfg.ntp_weight`, `representations(model, batch)`,
+    `contrastive(reps)`, and `forward(model, batch, replay)`), as the CLIP peer's
+    (baseline/clip.py)."""
     if len(batches) == 1:
         loss, parts = step_module(batches[0])
         accelerator.backward(loss)  # a non-finite loss is the guard's to skip (train/guard.py)
         return {k: float(v.detach()) for k, v in parts.items() if k != "ntp_tokens"}
 
-    inner = accelerator.unwrap_model(step_module)
-    model = inner.model
+    model = accelerator.unwrap_model(step_module).model
     cfg = objective.cfg
     n_k = [label_tokens(b) for b in batches]
     world = _world(objective)
@@ -96,13 +117,15 @@ def accumulate_gradients(
     factors = [world * n / max(n_total, 1) for n in n_k]
 
     grads: list[dict[str, Tensor]] = [{} for _ in batches]
+    device = model.projector_device()
+    rng: list[tuple[Tensor, Tensor | None] | None] = [None] * len(batches)
     logged: dict[str, float] = {}
     if objective.contrastive_active:
         with torch.no_grad():
             reps = []
-            for b in batches:
-                visual = model.visual_tokens(b.get("pixel_values"), b.get("features"))
-                reps.append(objective.representations(model, b, visual))
+            for k, b in enumerate(batches):
+                rng[k] = _rng_state(device)
+                reps.append(objective.representations(model, b))
         leaves = {k: torch.cat([r[k] for r in reps]).detach().requires_grad_(True) for k in reps[0]}
         loss, cparts = objective.contrastive(leaves)
         accelerator.backward(loss)  # grads of the leaves, and of the temperature (objective)
@@ -116,7 +139,8 @@ def accumulate_gradients(
     ntp_sum = 0.0
     for k, batch in enumerate(batches):
         last = k == len(batches) - 1
-        with nullcontext() if last else accelerator.no_sync(step_module):
+        replayed = _replayed_rng(rng[k], device) if rng[k] is not None else nullcontext()
+        with nullcontext() if last else accelerator.no_sync(step_module), replayed:
             loss, parts = step_module(batch, replay={"grads": grads[k], "ntp_factor": factors[k]})
             accelerator.backward(loss)
         if "ntp_loss" in parts:
