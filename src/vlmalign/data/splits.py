@@ -151,13 +151,13 @@ def holds_out(cfg: DataConfig) -> bool:
 
 def heldout_indices(n: int, cfg: DataConfig) -> list[int]:
     """Positions (sorted) of the held-out records among `n` loaded training records: a
-    seeded random `data.heldout_fraction` of them (at least 1, at most
-    `data.heldout_max`); none when fewer than 2 records were loaded."""
+    seeded random `data.heldout_fraction` of them (at least 2 from 4 records on, so
+    retrieval has a distractor; at most `data.heldout_max`); none below 2 records."""
     if not 0.0 < cfg.heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}")
     if n < 2:
         return []
-    k = min(max(1, round(cfg.heldout_fraction * n)), max(cfg.heldout_max, 1), n - 1)
+    k = min(max(2 if n >= 4 else 1, round(cfg.heldout_fraction * n)), max(cfg.heldout_max, 1), n - 1)
     order = list(range(n))
     random.Random(f"heldout-{cfg.heldout_seed}").shuffle(order)
     return sorted(order[:k])

@@ -299,7 +299,8 @@ def embedding_metrics(
     if data.captions:
         txt_emb = embedder.embed_texts(data.captions)  # [N_txt, D]
         metrics |= {f"emb_{k}": v for k, v in subset_retrieval(img_emb, txt_emb, data.text_to_image).items()}
-        metrics |= {f"gap_{k}": v for k, v in modality_gap(img_emb[data.text_to_image], txt_emb).items()}
+        if len(data.captions) >= 2:  # the gap's within-modality cosines need a pair of pairs
+            metrics |= {f"gap_{k}": v for k, v in modality_gap(img_emb[data.text_to_image], txt_emb).items()}
     if data.items:
         cats = [it.category for it in data.items]
         img_i = img_emb[data.item_to_image]  # [N_items, D]

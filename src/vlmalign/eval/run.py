@@ -128,6 +128,15 @@ def _mcq_plan(cfg: Config) -> tuple[list | None, list[str], LoadReport]:
     return items, [f"multiple choice: {len(items)} items from {path}"], report
 
 
+def _drop_eval_skips(path: Path) -> None:
+    """Remove the lines an earlier evaluation wrote (`task` "eval:...") from skipped.jsonl."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if not json.loads(line).get("task", "").startswith("eval:")]
+    path.write_text("".join(kept), encoding="utf-8")
+
+
 def _write_heldout(path: Path, samples: list[Sample]) -> None:
     """The held-out records (id, image, caption), one JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +173,7 @@ def evaluate_run(model: VLM, cfg: Config, checkpoint: Path, history: list[dict] 
         estimate = estimate_seconds(model, plan, mcq_items)
     announce(plan, mcq_lines, estimate)
     skipped_path = run_dir / SKIPPED_NAME
+    _drop_eval_skips(skipped_path)  # an evaluation run again replaces its own lines, not the training run's
     data = None
     if plan is not None:
         if holds_out(cfg.data) and plan.samples:

@@ -14,6 +14,9 @@ commit, the versions of the packages that change results, the hardware, and the 
 every training data file. `write_provenance` puts it into a folder as `provenance.json`;
 `provenance_differences` compares a saved record with the running environment, for
 `vlmalign eval` to warn when a checkpoint was made with other versions.
+
+Skips: `write_skipped` lists every record a run skipped (reason and place) in
+`out_dir/skipped.jsonl`; the evaluation appends its own below them.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from vlmalign.config import Config
+from vlmalign.data.sample import LoadReport
 
 LOCK_NAME = ".vlmalign.lock"
 PROVENANCE_NAME = "provenance.json"
+SKIPPED_NAME = "skipped.jsonl"
 # Packages whose version changes numbers or loading (reported and compared by `vlmalign eval`).
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "safetensors", "timm", "tokenizers", "numpy")
 # Files hashed for the record; larger ones are hashed too (streamed), only their time grows.
@@ -233,3 +238,22 @@ def provenance_differences(record: dict[str, Any]) -> list[str]:
         if name in now and version != now[name]:
             out.append(f"{name} {now[name] or 'not installed'} (checkpoint: {version or 'not installed'})")
     return out
+
+
+def copy_provenance(run_dir: str | Path, checkpoint_dir: str | Path) -> Path | None:
+    """Copy the run's `provenance.json` into a checkpoint folder being written (before its
+    manifest, so the manifest covers it); None when the run has none."""
+    src = Path(run_dir) / PROVENANCE_NAME
+    if not src.is_file():
+        return None
+    dst = Path(checkpoint_dir) / PROVENANCE_NAME
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def write_skipped(out_dir: str | Path, report: LoadReport, task: str = "train") -> Path:
+    """Every record `report` skipped or repaired, one JSON object per line (`task`,
+    `action`, `reason`, `where`, `detail`), as `out_dir/skipped.jsonl` (replaced)."""
+    path = Path(out_dir) / SKIPPED_NAME
+    path.unlink(missing_ok=True)
+    return report.write_jsonl(path, task=task)
