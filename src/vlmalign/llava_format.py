@@ -6,8 +6,9 @@ Export (`write_llava`): a vlmalign model with an HF CLIP / SigLIP tower and the
 ```
 OUT/
   config.json, model.safetensors, generation_config.json   LlavaForConditionalGeneration
-  tokenizer.json, tokenizer_config.json, chat_template.jinja   the LLM's tokenizer with <image>
-  processor_config.json, preprocessor_config.json          LlavaProcessor + CLIPImageProcessor
+  tokenizer.json, tokenizer_config.json                    the LLM's tokenizer with <image>
+  chat_template.jinja                                       content lists or strings (processor and tokenizer)
+  processor_config.json                                     LlavaProcessor + CLIPImageProcessor
   vlmalign.safetensors, vlmalign_config.yaml               what LLaVA has no place for (below)
   README.md                                                 the model card (export.py)
 ```
@@ -157,7 +158,7 @@ def _image_processor(tower: HFVisionTower):
     )
 
 
-def llava_config(model: VLM, vocab_with_image: int):
+def llava_config(model: VLM):
     """The LlavaConfig of `model` (its LLM's config as text_config, the tower's as
     vision_config)."""
     from transformers import LlavaConfig
@@ -196,7 +197,7 @@ def to_llava(model: VLM):
     check_exportable(model)
     llm = merge_lora(model.llm) if is_lora(model.llm) else model.llm
     vocab = llm.get_input_embeddings().num_embeddings
-    config = llava_config(model, vocab)
+    config = llava_config(model)
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
     llava.model.vision_tower = model.vision.model
@@ -284,14 +285,19 @@ def _check_importable(config, directory: Path) -> None:
 
 
 def _image_mean_std(directory: Path, kind) -> tuple[list[float], list[float]]:
-    import json
+    """The folder's image processor mean/std (`processor_config.json` or the older
+    `preprocessor_config.json`), else the tower kind's defaults."""
+    from transformers import AutoImageProcessor
 
-    path = directory / "preprocessor_config.json"
-    if path.is_file():
-        proc = json.loads(path.read_text())
-        if "image_mean" in proc and "image_std" in proc:
-            return list(proc["image_mean"]), list(proc["image_std"])
-    return list(kind.mean), list(kind.std)
+    try:
+        proc = AutoImageProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        log.warning("from_llava=%s: no image processor (%s); using %s's mean and std", directory, e, kind.model_cls)
+        return list(kind.mean), list(kind.std)
+    mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+    if mean is None or std is None:
+        return list(kind.mean), list(kind.std)
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 def _drop_image_row(llm: PreTrainedModel, image_token_id: int, tokenizer) -> None:
