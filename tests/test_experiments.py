@@ -2,43 +2,76 @@
 
 import json
 
+import pytest
+
 from vlmalign.cli import main
 
 
-def test_data_efficiency_runs_and_writes_results(tmp_path):
+def test_data_efficiency_runs_every_arm_with_the_ratio_and_the_image_check(tmp_path):
+    from vlmalign.experiments.data_efficiency import FREE_FORM, variants
+
     out = tmp_path / "de"
-    rc = main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--align-steps", "3", "--eval-items", "10",
-               "data-efficiency", "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
-               "train.batch_size=16"])
+    rc = main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "10", "data-efficiency",
+               "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
+               "lora.target_modules=q_proj,v_proj"])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
-    assert summary["settings"]["scenes"] == 60 and summary["settings"]["align_steps"] == 3
-    assert json.loads((out / "shapes" / "meta.json").read_text())["n"] == 60
-    res = summary["results"]["0"]
-    assert set(res) == {"align", "align-cg"}
-    for runs in res.values():
-        assert set(runs) == {"0", "0.1", "0.25", "1.0"}
-        assert runs["1.0"]["records"] > runs["0.25"]["records"] > runs["0.1"]["records"] >= 1
-        assert runs["1.0"]["steps"] >= runs["0.1"]["steps"]
-        for m in runs.values():
-            assert 0.0 <= m["mcq_lik_acc"] <= 100.0 and m["mcq_items"] == 10
-    assert (out / "mcq_vs_fraction.png").stat().st_size > 10_000
+    names = [v.name for v in variants()]
+    assert summary["seeds"] == [0, 1]
+    assert {(r["variant"], r["seed"]) for r in summary["records"]} == {(v, s) for v in names for s in (0, 1)}
+    by = {(r["variant"], r["seed"]): r for r in summary["records"]}
+    full, tenth = by[("align @ 100%", 0)]["extra"], by[("align @ 10%", 0)]["extra"]
+    assert full["records"] > tenth["records"] >= 1 and full["steps"] >= tenth["steps"]
+    assert tenth["warmup_steps"] == int(0.1 * tenth["steps"])  # warmup is a fraction of the run
+    for r in summary["records"]:
+        assert len(r["items"]["mcq_lik"]) == 10 and 0 <= r["metrics"]["mcq_lik"] <= 100
+    aligned = by[("align (no instruct)", 0)]["metrics"]
+    assert aligned["image_information_gap"] == pytest.approx(
+        aligned["caption_loss_shuffled_image"] - aligned["caption_loss_true_image"])
+    ratio = summary["derived"]["ratio_mcq_lik"]
+    assert ratio["lo"] <= ratio["hi"] and ratio["verdict"] in {"supported", "not supported", "inconclusive",
+                                                               "underpowered"}
+    # the instruction data is free-form QA: no multiple-choice question in it
+    convs = json.loads((out / "shapes" / FREE_FORM).read_text())
+    assert not any("(A)" in turn["value"] or "A." in turn["value"][:3] for c in convs for turn in c["conversations"])
+    assert (out / "plot.png").stat().st_size > 10_000
 
 
-def test_vladva_ablation_runs_every_variant_and_the_clip_peer(tmp_path):
-    from vlmalign.experiments.vladva import CLIP, VARIANTS, run_vladva
+def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_path):
+    from vlmalign.experiments.vladva import ARM_NAMES, claims
 
     out = tmp_path / "vladva"
-    results = run_vladva(out=out, quick=True, llm="tiny", tower="tiny", clip_text_tower="tiny",
-                         extra=["projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
-                                "train.max_steps=2", "lora.target_modules=q_proj,v_proj", "data.long_max_tokens=200"])
-    assert set(results) == {*VARIANTS, CLIP}
-    for m in results.values():
-        assert 0.0 <= m["emb_i2t_R@1"] <= 100.0 and "comp_emb_mean" in m
-    saved = json.loads((out / "results.json").read_text())["results"]
-    assert saved["contrastive long"]["emb_t2i_R@1"] == results["contrastive long"]["emb_t2i_R@1"]
-    # the long-caption variant trained on long captions: its cached text states hold them
-    assert results["+ soft prompts + LoRA"] != results["contrastive short"]
+    rc = main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
+               "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60", "lora.target_modules=q_proj,v_proj",
+               "baseline.text_tower=tiny"])
+    assert rc == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert {(r["variant"], r["seed"]) for r in summary["records"]} == {(v, s) for v in ARM_NAMES for s in (0, 1)}
+    for key in ("t2i_R@1", "comp", "comp_swap_att", "wino_text", "wino_group", "zs_acc"):
+        m = summary["metrics"][key]
+        assert m["chance"] is not None and set(m["variants"]) == set(ARM_NAMES)
+        for v in m["variants"].values():
+            assert v["lo"] <= v["mean"] <= v["hi"] and len(v["per_seed"]) == 2
+    assert summary["metrics"]["wino_text"]["chance"] == 25.0
+    assert [c["id"] for c in summary["claims"]] == [c.id for c in claims()]
+    assert all(c["verdict"] in {"supported", "not supported", "inconclusive", "underpowered"} for c in summary["claims"])
+    # the sweep ran first, on the validation split, and chose an lr for every arm
+    sweep = json.loads((out / "sweep" / "results.json").read_text())
+    assert set(summary["derived"]["learning_rates"]) == set(ARM_NAMES)
+    assert sweep["settings"]["sizes"]["steps"] == sweep["settings"]["sizes"]["sweep_steps"]
+    # every arm of a seed started from the same projector: the runs' first logged losses
+    # of the two contrastive-only arms on short captions would match; here check the
+    # per-item values are stored and average to the metric
+    rec = summary["records"][0]
+    assert abs(sum(rec["items"]["comp"]) / len(rec["items"]["comp"]) - rec["metrics"]["comp"]) < 1e-9
+    assert (out / "plot.png").stat().st_size > 10_000 and "## Claims" in (out / "table.md").read_text()
+    # resume: a second call skips every finished (variant, seed)
+    before = (out / "results.jsonl").read_text()
+    assert main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
+                 "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
+                 "lora.target_modules=q_proj,v_proj", "baseline.text_tower=tiny"]) == 0
+    assert (out / "results.jsonl").read_text() == before
 
 
 def test_prompts_experiment_compares_prompts_on_one_checkpoint(tiny_cfg, tmp_path):

@@ -284,24 +284,19 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    if args.name == "data-efficiency" and args.merge:
-        from vlmalign.experiments.data_efficiency import merge_results
-
-        merge_results(args.merge, args.out or "runs/data-efficiency")
-        return 0
     if args.name == "data-efficiency":
         from vlmalign.experiments.data_efficiency import run_data_efficiency
 
         sizes = {"scenes": args.scenes, "align_steps": args.align_steps, "epochs": args.epochs,
                  "eval_items": args.eval_items}
-        run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick,
-                            seeds=tuple(args.seeds) if args.seeds else None, extra=args.overrides, sizes=sizes)
+        run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick, seeds=args.seeds,
+                            extra=args.overrides, sizes=sizes, command=_command_line(), report_only=args.report_only)
         return 0
     if args.name == "vladva":
         from vlmalign.experiments.vladva import run_vladva
 
         run_vladva(out=args.out or "runs/vladva", quick=args.quick, seeds=args.seeds, extra=args.overrides,
-                   command=_command_line())
+                   command=_command_line(), report_only=args.report_only)
         return 0
     if args.name == "prompts":
         from vlmalign.experiments.prompts import run_prompts
@@ -476,14 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
     x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer), prompts (Ak et al.)")
     x.add_argument("--checkpoint", default=None, help="prompts: the checkpoint (or run folder) to evaluate")
-    x.add_argument("--merge", nargs="+", help="data-efficiency: combine the results of runs made with other --seeds")
-    x.add_argument("--quick", action="store_true", help="one seed, small sizes: a smoke run")
+    x.add_argument("--quick", action="store_true", help="small sizes: a smoke run (under 3 minutes)")
+    x.add_argument("--report-only", action="store_true",
+                   help="write results.json, table and plot from the runs finished so far; run nothing")
     x.add_argument("--out", default=None)
-    x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1)")
-    x.add_argument("--scenes", type=int, help="data-efficiency: shapes scenes (default 160; 80%% train)")
-    x.add_argument("--align-steps", type=int, help="data-efficiency: alignment steps (default 30)")
+    x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0 1)")
+    x.add_argument("--scenes", type=int, help="data-efficiency: shapes scenes (default 1000; 80%% train)")
+    x.add_argument("--align-steps", type=int, help="data-efficiency: alignment steps (default 60)")
     x.add_argument("--epochs", type=float, help="data-efficiency: instruction-tuning epochs (default 1)")
-    x.add_argument("--eval-items", type=int, help="data-efficiency: held-out questions (default 96)")
+    x.add_argument("--eval-items", type=int, help="data-efficiency: held-out questions (default 300)")
     x.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     x.set_defaults(fn=_cmd_experiment)
 

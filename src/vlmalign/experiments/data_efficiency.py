@@ -1,33 +1,51 @@
-"""`vlmalign experiment data-efficiency`: CG-VLM's efficiency claim in miniature.
+"""`vlmalign experiment data-efficiency`: CG-VLM's zero-shot efficiency claim, through the runner.
 
 CG-VLM (Liu et al. 2023) reports that after contrastive + generative alignment, 10% of
-the instruction data reaches 95% of LLaVA's accuracy on ScienceQA-IMG. Here, on `shapes`
-with the real packaged models: align the projector with `align` (NTP only, LLaVA stage 1)
-and with `align-cg` (NTP + patch-token contrastive), from the same initial weights; then
-instruction-tune each with LoRA (`instruct`) on data fractions 0.1, 0.25 and 1.0 of the
-instruction conversations (QA + multiple choice), for the same number of epochs, and
-measure multiple-choice accuracy on held-out images (option likelihood and generation).
-Fraction 0 is the aligned model before instruction tuning.
+the instruction data reaches 95% of LLaVA's accuracy (generative alignment, all the
+data) on zero-shot ScienceQA-IMG. Here, on `shapes` with the real packaged models:
 
-Shared across runs: the loaded backbones, the tower features of every image, the data;
-each instruct run starts from fresh LoRA adapters and its alignment checkpoint.
+- stage 1: the projector is aligned with `align` (NTP only, LLaVA) and with `align-cg`
+  (NTP + patch-token contrastive), from the same initial weights on the same captions;
+- stage 2: LoRA instruction tuning (`instruct`) on FREE-FORM question answering about the
+  training images (`instruct_train.json`: no multiple-choice format anywhere in training,
+  so the multiple-choice test is zero-shot in format), at 10% and 100% of those
+  conversations, for the same number of epochs (so 10% takes a tenth of the steps), with
+  warmup a fraction of each run;
+- test: multiple-choice questions on held-out images, scored by option likelihood and by
+  generation (`eval/mcq.py`).
+
+Arms per seed: `align` and `align-cg` before stage 2 (fraction 0: the image-information
+check and the aligned projectors' retrieval), `align @ 10%`, `align @ 100%`,
+`align-cg @ 10%`, `align-cg @ 100%`. The claim is judged on the ratio
+acc(align-cg @ 10%) / acc(align @ 100%) with its paired bootstrap interval, beside the
+paper's 0.95.
+
+The image-information check: held-out caption loss with the true image vs with the
+images of other captions (a fixed derangement). An aligned projector carries image
+information when the first is clearly lower; the gap is reported for both alignments.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.table import Table
 
+from vlmalign.cache import TextStateCache
 from vlmalign.config import Config, load_config
-from vlmalign.data.scienceqa import load_mcq_json
-from vlmalign.data.splits import ensure_data, subsample
-from vlmalign.eval.mcq import evaluate_mcq, mcq_image_features
+from vlmalign.data.scienceqa import MCQItem, load_mcq_json
+from vlmalign.data.splits import ensure_data
+from vlmalign.eval.evaluate import CachedTextEmbedder, EvalData, heldout_ntp_loss
+from vlmalign.eval.mcq import _argmax_no_tie, mcq_image_features, parse_answer, scores_and_answers
+from vlmalign.experiments import stats
+from vlmalign.experiments.runner import Experiment, Metric, Variant, VariantResult, run_experiment
+from vlmalign.experiments.scoring import retrieval_hits
 from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
 from vlmalign.train.datasets import TrainData
@@ -36,181 +54,250 @@ from vlmalign.train.trainer import train
 console = Console()
 
 ALIGNMENTS = ("align", "align-cg")
-FRACTIONS = (0.1, 0.25, 1.0)
-# Sized so that the default run (2 seeds) takes under 30 minutes on an idle 2-core CPU
-# with SmolLM2-135M + EfficientNet-Lite0: 160 scenes -> 128 training images (128 QA +
-# 128 multiple-choice conversations: 16 / 4 / 2 instruct steps at fractions 1 / 0.25 /
-# 0.1, one epoch at batch 16), 32 held-out images x 3 questions = 96 evaluation items.
-FULL = {"scenes": 160, "align_steps": 30, "batch": 16, "epochs": 1.0, "eval_items": 96, "seeds": (0, 1)}
-QUICK = {"scenes": 200, "align_steps": 8, "batch": 8, "epochs": 1.0, "eval_items": 40, "seeds": (0,)}
+FRACTIONS = (0.1, 1.0)
+FREE_FORM = "instruct_train.json"  # QA conversations only: no multiple-choice format
+ATTENTION = "lora.target_modules=q_proj,k_proj,v_proj,o_proj"
+# Sized for ~45 minutes on an idle 2-core CPU (align ~2.5 s/step at batch 16, LoRA
+# instruction tuning ~5 s/step at batch 8 with short conversations, likelihood +
+# generation ~0.3 s/item): 1000 scenes -> 800 training images; the instruction pool is a
+# seeded 0.3 of their conversations (240, 30 steps of 8 at 100%; 24, 3 steps at 10%);
+# 100 held-out test images x 3 questions = 300 multiple-choice items.
+FULL: dict[str, Any] = {"scenes": 1000, "align_steps": 60, "align_batch": 16, "batch": 8, "pool": 0.3,
+                        "epochs": 1.0, "eval_items": 300, "warmup": 0.1, "seeds": [0, 1, 2],
+                        "align_lr": 1e-3, "instruct_lr": 2e-4}
+QUICK: dict[str, Any] = {"scenes": 120, "align_steps": 3, "align_batch": 8, "batch": 8, "pool": 1.0,
+                         "epochs": 1.0, "eval_items": 12, "warmup": 0.1, "seeds": [0, 1],
+                         "align_lr": 1e-3, "instruct_lr": 2e-4}
+PAPER_RATIO = 0.95
 
 
-def _overrides(settings: dict, out: Path, seed: int, llm: str, tower: str, extra: list[str]) -> list[str]:
+def instruct_steps(records: int, batch: int, epochs: float) -> int:
+    """Optimizer steps for `epochs` passes over `records` at `batch` (at least 1)."""
+    return max(1, math.ceil(epochs * records / batch))
+
+
+def warmup_steps(steps: int, fraction: float) -> int:
+    """Warmup as a fraction of the run, rounded down: a 3-step run gets none (a warmup
+    step runs at lr 0 in the cosine-with-warmup schedule, which would waste a third of it)."""
+    return int(fraction * steps)
+
+
+def derangement(n: int, seed: int = 0) -> torch.Tensor:
+    """A permutation of range(n) with no fixed point (n >= 2): the shuffled-image pairing."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        p = torch.randperm(n, generator=g)
+        if n < 2 or bool((p != torch.arange(n)).all()):
+            return p
+
+
+def image_information(model: VLM, data: EvalData, cfg: Config) -> dict[str, float]:
+    """Held-out caption loss with each caption's own image and with another caption's
+    image (`derangement`), and their difference (positive: the projector carries image
+    information the LLM uses)."""
+    true = heldout_ntp_loss(model, data, cfg)
+    shuffled_rows = data.text_to_image[derangement(len(data.captions))]
+    shuffled = heldout_ntp_loss(model, dataclasses.replace(data, text_to_image=shuffled_rows), cfg)
+    return {"caption_loss_true_image": true, "caption_loss_shuffled_image": shuffled,
+            "image_information_gap": shuffled - true}
+
+
+def mcq_items(model: VLM, items: list[MCQItem], features: dict) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per item: right by option likelihood, right by generation (0 / 100)."""
+    scores, texts = scores_and_answers(model, items, features, max_new_tokens=6)
+    lik = [100.0 * (_argmax_no_tie(s) == it.answer) for s, it in zip(scores, items, strict=True)]
+    gen = [100.0 * (parse_answer(t, it.choices) == it.answer) for t, it in zip(texts, items, strict=True)]
+    return {"mcq_lik": sum(lik) / len(lik), "mcq_gen": sum(gen) / len(gen)}, {"mcq_lik": lik, "mcq_gen": gen}
+
+
+@dataclass
+class Shared:
+    common: list[str]
+    model: VLM
+    initial: dict[str, torch.Tensor]
+    captions: TrainData
+    conversations: TrainData
+    eval_data: EvalData
+    items: list[MCQItem]
+    features: dict
+    text_cache: TextStateCache
+    aligned: dict[str, Path]
+    out: Path
+    settings: dict
+
+
+def _overrides(s: dict, out: Path, llm: str, tower: str, extra: list[str]) -> list[str]:
+    return [f"data.root={out / 'shapes'}", f"data.shapes_n={s['scenes']}", f"llm.name={llm}", f"vision.tower={tower}",
+            "train.log_every=10", "train.eval_at_end=false", "train.save_every=0", "data.eval_max_samples=100", *extra]
+
+
+def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str]):
+    state: dict[str, Any] = {}
+
+    def setup(seed: int) -> Shared:
+        common = _overrides(s, out, llm, tower, extra) + [f"train.seed={seed}"]
+        cfg = load_config(recipe_config("align"), common)
+        root = ensure_data(cfg.data)
+        set_seed(seed)
+        model = VLM.build(cfg)
+        initial = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
+        text_cache = state.setdefault("text_cache", TextStateCache())
+        captions = TrainData.prepare(model, cfg, "captions", text_cache)
+        icfg = load_config(recipe_config("instruct"), common + [f"data.train_file={FREE_FORM}",
+                                                                f"data.data_fraction={s['pool']}", "data.fraction_seed=0"])
+        conversations = TrainData.prepare(model, icfg, "conversations")
+        if "eval" not in state:
+            state["eval"] = EvalData.prepare(model, cfg, benchmarks=False)
+            items = load_mcq_json(root / "mcq_test.json", image_root=root)[: s["eval_items"]]
+            state["items"], state["features"] = items, mcq_image_features(model, items)
+        return Shared(common, model, initial, captions, conversations, state["eval"], state["items"],
+                      state["features"], text_cache, {}, out, s)
+
+    return setup
+
+
+def _align(sh: Shared, name: str, seed: int) -> Path:
+    """The seed's `name` alignment checkpoint, trained once per seed (from the seed's
+    initial projector) and reused by its instruction arms."""
+    if name not in sh.aligned:
+        cfg = load_config(recipe_config(name), sh.common + [
+            f"train.out_dir={sh.out / 'runs' / f'{name}-seed{seed}'}", f"train.max_steps={sh.settings['align_steps']}",
+            f"train.batch_size={sh.settings['align_batch']}", f"train.lr={sh.settings['align_lr']}",
+            f"train.warmup_steps={warmup_steps(sh.settings['align_steps'], sh.settings['warmup'])}"])
+        sh.model.projector.load_state_dict(sh.initial)
+        sh.model.embed_mean_ready.fill_(False)
+        result = train(cfg, model=sh.model, data=sh.captions)
+        sh.aligned[name] = result.checkpoint
+        sh.aligned[f"{name}:cfg"] = cfg  # type: ignore[assignment]
+    return sh.aligned[name]
+
+
+def _aligned_arm(name: str) -> Variant:
+    def run(sh: Shared, seed: int) -> VariantResult:
+        _align(sh, name, seed)
+        cfg = sh.aligned[f"{name}:cfg"]
+        model = sh.model
+        model.eval()
+        with torch.no_grad():
+            metrics, items = mcq_items(model, sh.items, sh.features)
+            metrics |= image_information(model, sh.eval_data, cfg)
+            img = model.embed_images(sh.eval_data.features)
+            txt = CachedTextEmbedder(model, sh.text_cache).embed_texts(sh.eval_data.captions).to(img.device)
+            hits = retrieval_hits(img, txt, sh.eval_data.text_to_image, 5)
+        items["t2i_R@5"] = hits["t2i"]
+        metrics["t2i_R@5"] = sum(hits["t2i"]) / len(hits["t2i"])
+        return VariantResult(metrics, items, {"steps": 0})
+
+    return Variant(f"{name} (no instruct)", run, f"{name} alignment, before instruction tuning")
+
+
+def _instruct_arm(name: str, fraction: float) -> Variant:
+    def run(sh: Shared, seed: int) -> VariantResult:
+        init = _align(sh, name, seed)
+        s = sh.settings
+        rows = _subset_rows(len(sh.conversations.records), fraction, seed)
+        data = TrainData(sh.conversations.kind, [sh.conversations.records[i] for i in rows],
+                         sh.conversations.features[rows] if sh.conversations.features is not None else None,
+                         sh.conversations.text_cache, sh.conversations.report)
+        steps = instruct_steps(len(rows), s["batch"], s["epochs"])
+        cfg = load_config(recipe_config("instruct"), sh.common + [
+            ATTENTION, f"data.train_file={FREE_FORM}", f"train.init_from={init}", f"train.max_steps={steps}",
+            f"train.batch_size={s['batch']}", f"train.lr={s['instruct_lr']}",
+            f"train.warmup_steps={warmup_steps(steps, s['warmup'])}",
+            f"train.out_dir={sh.out / 'runs' / f'{name}-instruct-{fraction:g}-seed{seed}'}"])
+        set_seed(seed)
+        model = VLM.build(cfg)  # fresh LoRA adapters, the same for every arm of the seed
+        result = train(cfg, model=model, data=data)
+        model.eval()
+        with torch.no_grad():
+            metrics, items = mcq_items(model, sh.items, sh.features)
+        metrics["train_s"] = result.wall_time_s
+        return VariantResult(metrics, items, {"steps": steps, "records": len(rows),
+                                              "warmup_steps": warmup_steps(steps, s["warmup"])})
+
+    return Variant(f"{name} @ {fraction:.0%}", run, f"{name}, then LoRA instruction tuning on {fraction:.0%} of the "
+                                                     "free-form QA")
+
+
+def _subset_rows(n: int, fraction: float, seed: int) -> list[int]:
+    from vlmalign.data.splits import subsample
+
+    return subsample(list(range(n)), fraction, seed)
+
+
+def variants() -> list[Variant]:
+    return [_aligned_arm(a) for a in ALIGNMENTS] + [_instruct_arm(a, f) for a in ALIGNMENTS for f in FRACTIONS]
+
+
+def claims() -> list[stats.Claim]:
+    p = "CG-VLM (Liu et al. 2023)"
     return [
-        f"data.root={out / 'shapes'}", f"data.shapes_n={settings['scenes']}", f"train.seed={seed}",
-        f"data.fraction_seed={seed}", f"train.batch_size={settings['batch']}", f"llm.name={llm}",
-        f"vision.tower={tower}", "train.log_every=10", "train.eval_at_end=false", *extra,
+        stats.Claim("cg-helps-at-10", "with 10% of the instruction data, CG alignment beats generative alignment",
+                    "mcq_lik", "align-cg @ 10%", "align @ 10%", 2.0, paper=p),
+        stats.Claim("cg-helps-at-10-gen", "the same, scored by generation", "mcq_gen", "align-cg @ 10%",
+                    "align @ 10%", 2.0, paper=p),
+        stats.Claim("cg-aligns-better", "CG alignment lowers the held-out caption loss (before stage 2)",
+                    "caption_loss_true_image", "align-cg (no instruct)", "align (no instruct)", 0.0,
+                    lower_is_better=True, paper=p),
     ]
 
 
-def _instruct_steps(n_records: int, batch: int, epochs: float) -> int:
-    return max(1, math.ceil(epochs * n_records / batch))
+def ratio_summary(records: list[dict]) -> dict:
+    """acc(align-cg @ 10%) / acc(align @ 100%) with its paired interval, beside 0.95."""
+    from vlmalign.experiments.runner import values_of
+
+    seeds = sorted({r["seed"] for r in records})
+    out: dict[str, Any] = {}
+    for key in ("mcq_lik", "mcq_gen"):
+        vals = values_of(records, key, ["align-cg @ 10%", "align @ 100%"], seeds)
+        if len(vals) < 2:
+            continue
+        r = stats.ratio_interval(vals["align-cg @ 10%"], vals["align @ 100%"])
+        out[f"ratio_{key}"] = r.to_dict() | {
+            "verdict": stats.threshold_verdict(r, PAPER_RATIO, 0.05),
+            "note": f"acc(align-cg @ 10%) / acc(align @ 100%); paper: {PAPER_RATIO}; verdict "
+                    f"{stats.threshold_verdict(r, PAPER_RATIO, 0.05)}"}
+    return out
 
 
-def _subset(data: TrainData, fraction: float, seed: int) -> TrainData:
-    """The records `data.data_fraction` would pick, with their cached feature rows."""
-    rows = subsample(list(range(len(data.records))), fraction, seed)
-    feats = data.features[rows] if data.features is not None else None
-    return TrainData(data.kind, [data.records[i] for i in rows], feats, data.text_cache, data.report)
+def metrics(chance: float) -> list[Metric]:
+    return [
+        Metric("mcq_lik", "MCQ accuracy, option likelihood", chance),
+        Metric("mcq_gen", "MCQ accuracy, generation", chance),
+        Metric("caption_loss_true_image", "held-out caption loss, true image", None, lower_is_better=True, unit=""),
+        Metric("caption_loss_shuffled_image", "held-out caption loss, shuffled image", None, lower_is_better=True,
+               unit=""),
+        Metric("image_information_gap", "caption loss: shuffled - true image", 0.0, unit=""),
+        Metric("t2i_R@5", "aligned projector: text->image R@5 (prompted embeddings)", 5.0),
+        Metric("train_s", "instruction-tuning time (s)", None, lower_is_better=True, unit=""),
+    ]
 
 
-def _mcq(model: VLM, items: list, feats: dict) -> dict[str, float]:
-    return evaluate_mcq(model, items, features=feats, max_new_tokens=4)
-
-
-def run_seed(settings: dict, out: Path, seed: int, llm: str, tower: str, extra: list[str]) -> dict:
-    """Both alignments and their instruct runs for one seed; {alignment: {fraction: metrics}}."""
-    common = _overrides(settings, out, seed, llm, tower, extra)
-    base = load_config(recipe_config("align"), common)
-    ensure_data(base.data)
-    set_seed(seed)
-    aligner = VLM.build(base)
-    initial = {k: v.clone() for k, v in aligner.projector.state_dict().items()}
-    captions = TrainData.prepare(aligner, base, "captions")
-    root = Path(base.data.root)
-    items = [it for name in ("mcq_val.json", "mcq_test.json") for it in load_mcq_json(root / name, image_root=root)]
-    items = items[: settings["eval_items"]]
-    feats = mcq_image_features(aligner, items)
-    results: dict[str, dict[str, dict]] = {}
-    conversations: TrainData | None = None
-    for name in ALIGNMENTS:
-        cfg = load_config(recipe_config(name), common + [f"train.out_dir={out / f'seed{seed}' / name}",
-                                                         f"train.max_steps={settings['align_steps']}"])
-        aligner.projector.load_state_dict(initial)  # the same start for both alignments
-        aligned = train(cfg, model=aligner, data=captions)
-        results[name] = {"0": _mcq(aligner, items, feats) | {"train_s": aligned.wall_time_s, "steps": 0}}
-        for fraction in FRACTIONS:
-            icfg = _instruct_config(common, out, seed, name, fraction, aligned.checkpoint)
-            set_seed(seed)
-            model = VLM.build(icfg)  # fresh LoRA adapters
-            if conversations is None:
-                conversations = TrainData.prepare(model, load_config(recipe_config("instruct"), common), "conversations")
-            data = _subset(conversations, fraction, seed)
-            steps = _instruct_steps(len(data.records), icfg.train.batch_size, settings["epochs"])
-            icfg = _with(icfg, [f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}"])
-            run = train(icfg, model=model, data=data)
-            metrics = _mcq(run.model, items, feats) | {"train_s": run.wall_time_s, "steps": steps,
-                                                       "records": len(data.records)}
-            results[name][str(fraction)] = metrics
-            console.print(f"  seed {seed} {name} -> instruct {fraction:g}: {steps} steps, "
-                          f"MCQ likelihood {metrics['mcq_lik_acc']:.1f}%, generation {metrics['mcq_gen_acc']:.1f}%")
-    return results
-
-
-def _instruct_config(common: list[str], out: Path, seed: int, name: str, fraction: float, init: Path) -> Config:
-    return load_config(recipe_config("instruct"), common + [
-        f"train.out_dir={out / f'seed{seed}' / f'{name}-instruct-{fraction:g}'}", f"train.init_from={init}",
-        f"data.data_fraction={fraction}",
-    ])
-
-
-def _with(cfg: Config, overrides: list[str]) -> Config:
-    from vlmalign.config import replace
-
-    return replace(cfg, overrides)
-
-
-def summary_table(results: dict[int, dict], key: str, title: str) -> Table:
-    """Rows: alignment x seed (and the mean); columns: data fraction."""
-    fractions = ["0", *[str(f) for f in FRACTIONS]]
-    table = Table(title=title)
-    table.add_column("alignment")
-    table.add_column("seed")
-    for f in fractions:
-        table.add_column(f"fraction {f}", justify="right")
-    for name in ALIGNMENTS:
-        for seed, res in results.items():
-            table.add_row(name, str(seed), *[f"{res[name][f][key]:.1f}" for f in fractions])
-        means = [sum(r[name][f][key] for r in results.values()) / len(results) for f in fractions]
-        table.add_row(name, "mean", *[f"{m:.1f}" for m in means], style="bold")
-    return table
-
-
-def plot(results: dict[int, dict], path: Path, chance: float) -> Path:
-    """MCQ accuracy vs instruction-data fraction, one colour per alignment; solid =
-    likelihood, dashed = generation; thin lines per seed, thick the mean."""
-    from matplotlib.figure import Figure
-
-    fractions = [0.0, *FRACTIONS]
-    keys = ["0", *[str(f) for f in FRACTIONS]]
-    fig = Figure(figsize=(7.5, 4.8), dpi=120)
-    ax = fig.add_subplot()
-    for colour, name in zip(("tab:blue", "tab:orange"), ALIGNMENTS, strict=True):
-        for key, style, label in (("mcq_lik_acc", "-", "likelihood"), ("mcq_gen_acc", "--", "generation")):
-            for res in results.values():
-                ax.plot(fractions, [res[name][k][key] for k in keys], style, color=colour, alpha=0.25, lw=1)
-            mean = [sum(r[name][k][key] for r in results.values()) / len(results) for k in keys]
-            ax.plot(fractions, mean, style, color=colour, lw=2.2, marker="o", label=f"{name}, {label}")
-    ax.axhline(chance, color="grey", lw=1, ls=":", label=f"chance ({chance:.0f}%)")
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-    ax.set_xlabel("fraction of instruction data (0 = aligned model, no instruction tuning)")
-    ax.set_ylabel("multiple-choice accuracy on held-out images (%)")
-    ax.set_title(f"shapes: instruction-data efficiency after alignment ({len(results)} seeds; thin = per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def run_data_efficiency(out: str | Path = "runs/data-efficiency", quick: bool = False, seeds: tuple[int, ...] | None = None,
+def run_data_efficiency(out: str | Path = "runs/data-efficiency", quick: bool = False, seeds: list[int] | None = None,
                         llm: str = "smollm2-135m", tower: str = "efficientnet-lite0", extra: list[str] | None = None,
-                        sizes: dict | None = None) -> dict:
-    """Run the experiment; writes `results.json` and `mcq_vs_fraction.png` under `out`.
-    `sizes` replaces entries of the default sizes (`FULL`, or `QUICK` with `quick`):
-    scenes, align_steps, batch, epochs, eval_items; None values are ignored."""
-    t0 = time.perf_counter()
+                        sizes: dict | None = None, command: str = "", report_only: bool = False) -> dict:
+    """Run the experiment (resumable); writes results.json, table.md and plot.png."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = (QUICK if quick else FULL) | {k: v for k, v in (sizes or {}).items() if v is not None}
-    if unknown := set(settings) - set(FULL):
-        raise ValueError(f"unknown experiment sizes {sorted(unknown)}; known: {', '.join(FULL)}")
-    seeds = tuple(seeds) if seeds else settings["seeds"]
-    console.print(f"[bold]data-efficiency[/] ({'quick' if quick else 'full'}): {', '.join(ALIGNMENTS)} then instruct "
-                  f"at fractions {', '.join(f'{f:g}' for f in FRACTIONS)}; seeds {', '.join(map(str, seeds))}")
-    results: dict[int, dict] = {}
-    for seed in seeds:
-        results[seed] = run_seed(settings, out, seed, llm, tower, list(extra or []))
-        summary = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-                   "seeds": list(results), "fractions": list(FRACTIONS), "results": results,
-                   "total_s": time.perf_counter() - t0}
-        (out / "results.json").write_text(json.dumps(summary, indent=2))  # after every seed
-    return summarise(summary, out)
-
-
-def summarise(summary: dict, out: Path) -> dict:
-    """Plot and print the tables of a results summary (one run's, or merged)."""
-    results = summary["results"]
-    chance = next(iter(results.values()))[ALIGNMENTS[0]]["0"].get("mcq_chance", 0.0)
-    png = plot(results, out / "mcq_vs_fraction.png", chance)
-    console.print(summary_table(results, "mcq_lik_acc", "MCQ accuracy (%), option likelihood"))
-    console.print(summary_table(results, "mcq_gen_acc", "MCQ accuracy (%), generation + answer parsing"))
-    console.print(f"chance {chance:.1f}%; wrote {out / 'results.json'} and {png} ({summary['total_s']:.0f} s)")
+    s = (QUICK if quick else FULL) | {k: v for k, v in (sizes or {}).items() if v is not None}
+    if unknown := set(s) - set(FULL):
+        raise ValueError(f"unknown data-efficiency sizes {sorted(unknown)}; known: {', '.join(FULL)}")
+    if seeds:
+        s["seeds"] = list(seeds)
+    extra = list(extra or [])
+    root = ensure_data(load_config(recipe_config("align"), _overrides(s, out, llm, tower, extra)).data)
+    items = load_mcq_json(root / "mcq_test.json", image_root=root)[: s["eval_items"]]
+    chance_items = sum(100.0 / len(it.choices) for it in items) / max(len(items), 1)
+    exp = Experiment(
+        name="data-efficiency", title="CG-VLM on shapes: instruction-data efficiency, zero-shot multiple choice",
+        variants=variants(), seeds=list(s["seeds"]), setup=_setup(s, out, llm, tower, extra),
+        metrics=metrics(chance_items), claims=claims(),
+        settings={"sizes": s, "llm": llm, "tower": tower, "extra": extra},
+        data_files=lambda: [root / "train.jsonl", root / FREE_FORM, root / "mcq_test.json", root / "test.jsonl"],
+        extra_summary=ratio_summary, command=command,
+    )
+    summary = run_experiment(exp, out, log=console.print, execute=not report_only)
+    for c in summary["claims"]:
+        console.print(f"[bold]{c['verdict']}[/]: {c['text']}")
+    for k, v in (summary.get("derived") or {}).items():
+        console.print(f"{k}: {v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] -> {v['verdict']}")
     return summary
-
-
-def merge_results(dirs: list[str | Path], out: str | Path) -> dict:
-    """Combine the `results.json` of runs made with different `--seeds` (e.g. one process
-    per seed) into one summary, table and plot under `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    merged: dict = {"results": {}, "total_s": 0.0, "sources": [str(d) for d in dirs]}
-    for d in dirs:
-        part = json.loads((Path(d) / "results.json").read_text())
-        merged["settings"], merged["fractions"] = part["settings"], part["fractions"]
-        merged["results"] |= part["results"]
-        merged["total_s"] += part["total_s"]
-    merged["seeds"] = list(merged["results"])
-    (out / "results.json").write_text(json.dumps(merged, indent=2))
-    return summarise(merged, out)

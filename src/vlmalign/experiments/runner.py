@@ -147,16 +147,19 @@ def check_settings(out: Path, exp: Experiment) -> None:
     path.write_text(json.dumps(mine | {"seeds": exp.seeds}, indent=2) + "\n")
 
 
-def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] = print) -> dict:
+def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] = print,
+                   execute: bool = True) -> dict:
     """Run every unfinished (variant, seed) of `exp`, appending to `out/results.jsonl`,
-    then write `results.json`, `table.md` and `plot.png`; return the summary."""
+    then write `results.json`, `table.md` and `plot.png`; return the summary. With
+    `execute=False` nothing runs: the summary covers the seeds finished so far (a report
+    of a run still going, or stopped)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, exp)
     lines = out / RESULTS_LINES
     t0 = time.perf_counter()
     done = {(r["variant"], r["seed"]) for r in read_records(lines)}
-    for seed in exp.seeds:
+    for seed in exp.seeds if execute else []:
         todo = [v for v in exp.variants if (v.name, seed) not in done]
         if not todo:
             log(f"seed {seed}: all {len(exp.variants)} variants already in {lines}")

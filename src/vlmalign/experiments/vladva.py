@@ -32,8 +32,8 @@ captioning survive discriminative tuning?).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,18 @@ ARMS: dict[str, tuple[list[str], str]] = {
 CLIP = "CLIP peer"
 FULL_ARM = "+ soft prompts + LoRA"
 CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_att", "add_obj")
-# Sized for the 45-minute budget on a 2-core CPU (see docs/recipes.md for the measured
-# costs): 2000 scenes -> 1600 train (a 0.3 fraction, 480 records, trains: 60 steps of 8
-# is one epoch), 200 validation pairs (the sweep), 200 test pairs + their SugarCrepe
-# items, 200 word-order pairs (400 new images), 48 zero-shot images.
-FULL: dict[str, Any] = {"scenes": 2000, "train_fraction": 0.3, "steps": 60, "batch": 8, "eval": 200,
-                        "wino_pairs": 200, "long_tokens": 64, "seeds": [0, 1, 2], "sweep_steps": 30,
-                        "lrs": [2e-4, 1e-3], "sweep_seed": 100}
+# Sized for the 45-minute budget on an idle 2-core CPU. Evaluation dominates the arms
+# whose text path trains (every text is embedded again: ~17 texts/s idle), the LoRA arm's
+# steps the training (~5 s/step idle at batch 8). 1500 scenes -> 1200 train (a 0.27
+# fraction, 324 records, trains: 40 steps of 8 is one epoch), 150 validation pairs (the
+# sweep), 150 test pairs + 30 SugarCrepe items per category, 100 word-order pairs (200
+# new images), 48 zero-shot images.
+FULL: dict[str, Any] = {"scenes": 1500, "train_fraction": 0.27, "steps": 40, "batch": 8, "eval": 150,
+                        "comp_per_category": 30, "wino_pairs": 100, "long_tokens": 64, "seeds": [0, 1, 2],
+                        "sweep_steps": 20, "lrs": [2e-4, 1e-3], "sweep_seed": 100}
 QUICK: dict[str, Any] = {"scenes": 200, "train_fraction": 0.5, "steps": 4, "batch": 8, "eval": 24,
-                         "wino_pairs": 16, "long_tokens": 64, "seeds": [0, 1], "sweep_steps": 2,
-                         "lrs": [1e-3], "sweep_seed": 100}
+                         "comp_per_category": 60, "wino_pairs": 16, "long_tokens": 64, "seeds": [0, 1],
+                         "sweep_steps": 2, "lrs": [1e-3], "sweep_seed": 100}
 # The smallest effect (points) we treat as a reproduction of a "beats" claim: VladVA's
 # reported gains over CLIP-like models of its size are several points; 2 points is our
 # choice of the smallest that would matter.
@@ -149,6 +151,21 @@ def cut_long_captions(path: Path, tokenizer, max_tokens: int) -> int:
     return cut
 
 
+def cap_items(data: EvalData, per_category: int) -> EvalData:
+    """`data` with at most `per_category` SugarCrepe items of each category (the first
+    ones in file order): every text is embedded again for each arm whose text path trains,
+    so the item count sets most of the evaluation's cost."""
+    if per_category <= 0:
+        return data
+    seen: dict[str, int] = {}
+    keep = []
+    for i, it in enumerate(data.items):
+        if seen.get(it.category, 0) < per_category:
+            seen[it.category] = seen.get(it.category, 0) + 1
+            keep.append(i)
+    return dataclasses.replace(data, items=[data.items[i] for i in keep], item_to_image=data.item_to_image[keep])
+
+
 def word_order_data(model, root: Path, n: int, seed: int = 0) -> WordOrderData:
     pairs = write_word_order_pairs(root, n, seed)
     probe = [Sample(id=f"{p.id}_{k}", image=img) for p in pairs for k, img in enumerate((p.image_0, p.image_1))]
@@ -171,6 +188,7 @@ class Shared:
     eval_data: EvalData
     word_order: WordOrderData | None
     out: Path
+    clip_overrides: list[str]
 
 
 def _overrides(s: dict, out: Path, llm: str, tower: str, extra: list[str]) -> list[str]:
@@ -178,7 +196,7 @@ def _overrides(s: dict, out: Path, llm: str, tower: str, extra: list[str]) -> li
             "data.fraction_seed=0", f"train.max_steps={s['steps']}", f"train.batch_size={s['batch']}",
             f"data.eval_max_samples={s['eval']}", f"data.long_max_tokens={s['long_tokens']}", f"llm.name={llm}",
             f"vision.tower={tower}", "train.log_every=10", "train.eval_at_end=false", "train.save_every=0",
-            f"train.warmup_steps={max(1, math.ceil(0.1 * s['steps']))}", *extra]
+            f"train.warmup_steps={int(0.1 * s['steps'])}", f"train.feature_cache_dir={out / 'features'}", *extra]
 
 
 def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str], split: str = "test"):
@@ -187,7 +205,9 @@ def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str], split: st
     state: dict[str, Any] = {}
 
     def setup(seed: int) -> Shared:
-        common = _overrides(s, out, llm, tower, extra) + [f"train.seed={seed}"]
+        clip_overrides = [o[len("baseline."):] for o in extra if o.startswith("baseline.")]
+        common = _overrides(s, out, llm, tower, [o for o in extra if not o.startswith("baseline.")])
+        common += [f"train.seed={seed}"]
         if split == "val":
             common += ["data.eval_file=val.jsonl", "data.compositional_file=sugarcrepe_val"]
         cfg = load_config(recipe_config("discriminative"), common + PLAIN)
@@ -202,11 +222,13 @@ def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str], split: st
         long_cfg = load_config(recipe_config("discriminative"), common + ARMS["contrastive long"][0])
         data_long = TrainData.prepare(base, long_cfg, "short_long", text_cache)
         if "eval" not in state:
-            state["eval"] = EvalData.prepare(base, cfg)
+            # the sweep scores retrieval and SugarCrepe on the validation split only
+            state["eval"] = cap_items(EvalData.prepare(base, cfg, benchmarks=split == "test"), s["comp_per_category"])
             state["wino"] = (word_order_data(base, out / "word_order", s["wino_pairs"]) if split == "test"
                              else None)
         initial = {k: v.detach().clone() for k, v in base.projector.state_dict().items()}
-        return Shared(common, base, initial, text_cache, data, data_long, state["eval"], state["wino"], out)
+        return Shared(common, base, initial, text_cache, data, data_long, state["eval"], state["wino"], out,
+                      clip_overrides)
 
     return setup
 
@@ -245,11 +267,13 @@ def _vlm_arm(name: str, lr: float, tag: str) -> Variant:
 def _clip_arm(lr: float, tag: str, text_tower: str) -> Variant:
     def run(sh: Shared, seed: int) -> VariantResult:
         from vlmalign.baseline.clip import ClipBaselineConfig, ClipDualEncoder, train_clip_baseline
+        from vlmalign.config import _update, parse_overrides
 
         out = sh.out / "runs" / f"{tag}clip-peer-seed{seed}"
         cfg = load_config(recipe_config("align-clip"), sh.common + [f"train.lr={lr}", f"train.out_dir={out}"])
         # the text transformer at a tenth of the projections' lr (2e-5 at the default 2e-4)
         options = ClipBaselineConfig(text_tower=text_tower, text_lr=lr / 10)
+        _update(options, parse_overrides(sh.clip_overrides), "baseline.")
         trained = train_clip_baseline(cfg, out, options)
         model = ClipDualEncoder.from_pretrained(out)
         model.eval()
@@ -306,7 +330,8 @@ def best_lrs(summary: dict, lrs: list[float]) -> dict[str, float]:
 
 def run_vladva(out: str | Path = "runs/vladva", quick: bool = False, seeds: list[int] | None = None,
                llm: str = "smollm2-135m", tower: str = "efficientnet-lite0", extra: list[str] | None = None,
-               clip_text_tower: str = "minilm", sizes: dict | None = None, command: str = "") -> dict:
+               clip_text_tower: str = "minilm", sizes: dict | None = None, command: str = "",
+               report_only: bool = False) -> dict:
     """Sweep the lr of every arm, then run every arm on every seed; returns the summary
     (also `results.json`, `table.md`, `plot.png` under `out`, the sweep's under
     `out/sweep`)."""
@@ -318,7 +343,8 @@ def run_vladva(out: str | Path = "runs/vladva", quick: bool = False, seeds: list
         s["seeds"] = list(seeds)
     extra = list(extra or [])
     log = console.print
-    sweep = run_experiment(sweep_experiment(s, out, llm, tower, extra, clip_text_tower), out / "sweep", log=log)
+    sweep = run_experiment(sweep_experiment(s, out, llm, tower, extra, clip_text_tower), out / "sweep", log=log,
+                           execute=not report_only)
     lrs = best_lrs(sweep, s["lrs"])
     log(f"chosen learning rates (validation): {lrs}")
     exp = Experiment(
@@ -332,7 +358,7 @@ def run_vladva(out: str | Path = "runs/vladva", quick: bool = False, seeds: list
             k: {v: round(x["mean"], 2) for v, x in m["variants"].items()} for k, m in sweep["metrics"].items()}},
         command=command,
     )
-    summary = run_experiment(exp, out, log=log)
+    summary = run_experiment(exp, out, log=log, execute=not report_only)
     for c in summary["claims"]:
         log(f"[bold]{c['verdict']}[/]: {c['text']}")
     log(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'plot.png'}")
