@@ -2,7 +2,8 @@
 
 It says what the model is made of (base LLM, vision tower, projector), how it was trained
 (recipe, data, steps, the resolved config and the command that reproduces it), how it
-scored (the checkpoint's `metrics.json`, when it was evaluated), and with what software
+scored (the checkpoint's `metrics.json`, when it was evaluated: inside the checkpoint after
+training, or `eval-checkpoint-N/` beside it from `vlmalign eval`), and with what software
 (package versions, the vlmalign git commit).
 """
 
@@ -71,6 +72,15 @@ def reproduce_overrides(cfg: Config) -> list[str]:
     return out
 
 
+def evaluation_file(checkpoint: Path) -> Path | None:
+    """The checkpoint's metrics.json: the end-of-training evaluation's (inside the
+    checkpoint), else `vlmalign eval`'s default output beside it (`eval-checkpoint-N/`)."""
+    for path in (checkpoint / METRICS_FILE, checkpoint.parent / f"eval-{checkpoint.name}" / METRICS_FILE):
+        if path.is_file():
+            return path
+    return None
+
+
 def _data_line(cfg: Config) -> str:
     d = cfg.data
     if d.shards:
@@ -117,8 +127,9 @@ def write_model_card(
     """Write `out/README.md` for the export of `checkpoint` (trained with `cfg`)."""
     out, checkpoint = Path(out), Path(checkpoint)
     metrics: dict[str, Any] = {}
-    if (checkpoint / METRICS_FILE).is_file():
-        metrics = json.loads((checkpoint / METRICS_FILE).read_text()).get("metrics", {})
+    source = evaluation_file(checkpoint)
+    if source is not None:
+        metrics = json.loads(source.read_text()).get("metrics", {})
     step = "unknown"
     if (checkpoint / STATE_FILE).is_file():
         step = str(json.loads((checkpoint / STATE_FILE).read_text()).get("step", "unknown"))
