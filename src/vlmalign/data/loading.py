@@ -55,10 +55,12 @@ def auto_workers(cuda: bool, cpu_count: int | None = None, processes: int | None
 
 
 def loader_kwargs(data: DataConfig, device: torch.device | str, decodes_images: bool = True) -> dict[str, Any]:
-    """`DataLoader` keyword arguments (num_workers, pin_memory, prefetch_factor,
-    persistent_workers) for `data`'s settings on `device`.
+    """`DataLoader` keyword arguments (num_workers, pin_memory, prefetch_factor) for
+    `data`'s settings on `device`.
 
-    `decodes_images=False` (batches of cached features) always gives 0 workers.
+    `decodes_images=False` (batches of cached features) always gives 0 workers. Workers are
+    not persistent: a streamed dataset's `set_epoch` in the main process must reach the
+    workers' copies, which are made when an epoch's iteration starts.
     """
     if data.num_workers < -1:
         raise ValueError(f"data.num_workers must be -1 (automatic) or >= 0, got {data.num_workers}")
@@ -71,5 +73,4 @@ def loader_kwargs(data: DataConfig, device: torch.device | str, decodes_images: 
     out: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(data.pin_memory and cuda)}
     if workers > 0:
         out["prefetch_factor"] = data.prefetch_factor
-        out["persistent_workers"] = True  # no re-fork (and re-import) at each epoch
     return out
