@@ -59,7 +59,10 @@ class ServeModel:
             if emb.shape[1] != model.hidden_size:
                 raise ValueError(f"{index} holds {emb.shape[1]}-d embeddings, the model makes {model.hidden_size}-d ones: "
                                  "embed the images with this checkpoint")
-            self.index, self.names = emb, names
+            from vlmalign.search_index import cached_index
+
+            # built once (exact search, or FAISS for a large index), not per query
+            self.index, self.names = cached_index(emb, index), names
 
     def caption(self, image: str | None) -> str:
         """A caption of the image at `image`, prompted as `vlmalign caption` does."""
@@ -162,12 +165,18 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_new_tokens: int = 64,
+    device: str = "auto",
 ) -> None:
-    """Load `checkpoint` (and the index) and serve the page until interrupted."""
+    """Load `checkpoint` (and the index) and serve the page until interrupted. `device`:
+    "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ..."""
     gr = _require_gradio()
+    import torch
+
     from vlmalign.inference import load_checkpoint
 
-    model = load_checkpoint(checkpoint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_checkpoint(checkpoint).to(device)
     server = ServeModel(model, str(checkpoint), index, max_new_tokens)
     page = build_page(server)
     # The index's images live wherever they were embedded: let the page show those folders.
