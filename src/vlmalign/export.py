@@ -44,29 +44,13 @@ from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.lora import is_lora
 from vlmalign.models.lora import merge_lora as merge_adapters
 from vlmalign.models.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
+from vlmalign.train.checkpoint import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "vlmalign-export/1"
 EXPORT_META = "export.json"
 LLM_DIR, LORA_DIR, VLM_DIR = "llm", "llm-lora", "vlm"
-
-
-def _resolve_checkpoint(checkpoint: Path) -> Path:
-    """A checkpoint folder, or a run folder's `latest` checkpoint; verified against its
-    manifest when it has one."""
-    if (checkpoint / "latest").is_file():
-        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
-    if not (checkpoint / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"{checkpoint} is not a vlmalign checkpoint (no {WEIGHTS_NAME}); give a checkpoint-N "
-            "folder or a run folder with a `latest` file"
-        )
-    if (checkpoint / "manifest.json").is_file():
-        from vlmalign.train.checkpoint import verify_checkpoint
-
-        verify_checkpoint(checkpoint)
-    return checkpoint
 
 
 def save_plain_tokenizer(tokenizer, directory: Path, vocab_size: int) -> None:
@@ -123,7 +107,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
     """
     from vlmalign.model_card import write_model_card
 
-    checkpoint = _resolve_checkpoint(Path(checkpoint_dir))
+    checkpoint = resolve_checkpoint(checkpoint_dir)
     out = _fresh_out(Path(out_dir))
     model = VLM.from_pretrained(checkpoint)
     model.requires_grad_(False)
@@ -201,7 +185,7 @@ def export_llava(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from vlmalign.model_card import write_model_card
     from vlmalign.train.checkpoint import OBJECTIVE_NAME
 
-    checkpoint = _resolve_checkpoint(Path(checkpoint_dir))
+    checkpoint = resolve_checkpoint(checkpoint_dir)
     out = _fresh_out(Path(out_dir))
     model = VLM.from_pretrained(checkpoint)
     model.requires_grad_(False)

@@ -23,16 +23,18 @@ from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
 from vlmalign.search_index import DEFAULT_NPROBE, SearchIndex, build_index
+from vlmalign.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
-    """A checkpoint folder, or a run folder's `latest` checkpoint."""
+    """A checkpoint folder, or a run folder's newest verified checkpoint
+    (train/checkpoint.py `resolve_checkpoint`); an exported folder as it is."""
     path = Path(checkpoint)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    return path
+    if (path / "export.json").exists() or (path / "vlm" / "export.json").exists():
+        return path
+    return ckpt.resolve_checkpoint(path)
 
 
 def load_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> VLM:

@@ -67,12 +67,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from vlmalign import dist
 from vlmalign.models.language import IMAGE_TOKEN
 
 from .conversations import Conversation, _parse_turns, load_conversations
@@ -387,8 +387,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 def _distributed_rank_world() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when initialised, else from the
     RANK / WORLD_SIZE variables torchrun and accelerate set, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if dist.initialized():
+        world, rank = dist.world_and_rank()
+        return rank, world
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

@@ -216,15 +216,6 @@ def verify_checkpoint(directory: str | Path) -> None:
     _verified[key] = signature
 
 
-def is_verified(directory: str | Path) -> bool:
-    """Whether `directory` holds every required file and they match its manifest."""
-    try:
-        verify_checkpoint(directory)
-    except (CheckpointError, OSError):
-        return False
-    return is_complete(directory)
-
-
 def _write_files(
     tmp: Path,
     state: TrainingState,
@@ -410,6 +401,24 @@ def find_latest(out_dir: str | Path) -> Path | None:
             continue
         return path
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's newest verified checkpoint
+    (`find_latest`, the one rule for "latest" everywhere: resume, eval, inference,
+    export). A checkpoint with a manifest is verified against it. Raises
+    FileNotFoundError naming what was looked for."""
+    path = Path(path)
+    if (path / WEIGHTS_NAME).is_file():
+        if (path / MANIFEST_NAME).is_file():
+            verify_checkpoint(path)
+        return path
+    if path.is_dir() and (latest := find_latest(path)) is not None:
+        return latest
+    raise FileNotFoundError(
+        f"{path} is not a vlmalign checkpoint (no {WEIGHTS_NAME}) nor a run folder holding a complete "
+        "checkpoint-N; give a checkpoint-N folder or the run's train.out_dir"
+    )
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:

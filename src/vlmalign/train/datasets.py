@@ -68,10 +68,6 @@ class TrainData:
     text_cache: cache.TextStateCache
     report: LoadReport = field(default_factory=LoadReport)
 
-    @property
-    def samples(self) -> list:
-        return self.records
-
     @classmethod
     def prepare(
         cls, model: VLM, cfg: Config, kind: str = "captions", text_cache: cache.TextStateCache | None = None
