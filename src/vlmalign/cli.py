@@ -127,26 +127,57 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         check_conversations,
         format_check,
     )
-    from vlmalign.data.splits import train_conversations
+    from vlmalign.data.splits import iter_train_conversations
     from vlmalign.models.vlm import VLM
     from vlmalign.paths import recipe_config
     from vlmalign.train.recipes import RECIPES
 
     cfg = load_config(recipe_config(args.config), args.overrides)
     kind = RECIPES.get(cfg.recipe).data
-    if kind != "conversations":
-        console.print(f"[red]data check[/] inspects conversation data; recipe {cfg.recipe} trains on {kind!r}")
-        return 2
     model = VLM.build(cfg)
+    if kind != "conversations":
+        return _check_captions(cfg, model.tokenizer)
     report = ConversationLoadReport()
-    convs = train_conversations(cfg.data, report)
-    if report.total_skipped() or report.repaired:
-        console.print(f"[yellow]loading: {report.summary()}")
+    # streamed: every record is read and checked, none is kept (files of any size)
+    convs = iter_train_conversations(cfg.data, report)
     check = check_conversations(convs, model.tokenizer, model.image_token_id, model.num_visual_tokens,
                                 cfg.data.max_conversation_tokens, show=args.show)
+    if report.total_skipped() or report.repaired:
+        console.print(f"[yellow]loading: {report.summary()}", highlight=False)
     console.print(format_check(check), markup=False, highlight=False)
-    if check.mismatches or check.zero_label or not convs:
+    if check.mismatches or check.zero_label or not check.conversations:
         console.print("[red]data check failed:[/] fix the samples above (template mismatches, zero trained tokens) before training")
+        return 1
+    return 0
+
+
+def _check_captions(cfg, tokenizer) -> int:
+    """`data check` for caption recipes: every record of the training file read (streamed)
+    and counted, caption lengths in tokens, how many exceed data.max_caption_tokens."""
+    from vlmalign.data.sample import LoadReport
+    from vlmalign.data.splits import iter_all_train_samples
+
+    report = LoadReport()
+    limit, n, over, longest, batch = cfg.data.max_caption_tokens, 0, 0, 0, []
+
+    def count(texts: list[str]) -> None:
+        nonlocal n, over, longest
+        for ids in tokenizer(texts, add_special_tokens=False).input_ids:
+            n, over, longest = n + 1, over + (len(ids) > limit), max(longest, len(ids))
+
+    for sample in iter_all_train_samples(cfg.data, report):
+        batch.append(sample.caption)
+        if len(batch) == 1024:
+            count(batch)
+            batch = []
+    if batch:
+        count(batch)
+    console.print(f"{n} caption records usable, {report.total_skipped()} skipped; longest caption {longest} tokens, "
+                  f"{over} longer than data.max_caption_tokens={limit} (truncated in training)", highlight=False)
+    if report.total_skipped() or report.repaired:
+        console.print(f"[yellow]loading: {report.summary()}", highlight=False)
+    if not n:
+        console.print("[red]data check failed:[/] no usable caption record")
         return 1
     return 0
 
@@ -321,7 +352,7 @@ def _command_line() -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmalign.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seed=args.seed, extra=args.overrides)
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, extra=args.overrides, seeds=args.seeds)
     return 0
 
 
@@ -366,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--image-root", default=None, help="folder relative image paths resolve against (default: the file's folder)")
     sh.add_argument("--allow-outside-root", action="store_true", help="accept image paths that leave --image-root")
     sh.set_defaults(fn=_cmd_shard)
-    c = dsub.add_parser("check", help="show how conversations are tokenised and which tokens train; fail on bad samples")
+    c = dsub.add_parser("check", help="read every training record (streamed): conversations as tokenised, with the "
+                        "tokens that train; captions with their lengths; fail on bad samples")
     c.add_argument("config", help="recipe id (instruct) or a YAML file")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_file=llava.json")
     c.add_argument("--show", type=int, default=3, help="samples to print with their trained spans")
@@ -489,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true", help="a ~2 minute version")
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seeds", type=int, nargs="+", help="several seeds (intervals over seeds and items in table.md)")
     m.add_argument("overrides", nargs="*", help="dotted overrides applied to every recipe")
     m.set_defaults(fn=_cmd_demo)
     return p
