@@ -316,30 +316,26 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    if args.name == "data-efficiency":
-        from vlmalign.experiments.data_efficiency import run_data_efficiency
+    import importlib
 
-        sizes = {"scenes": args.scenes, "align_steps": args.align_steps, "epochs": args.epochs,
-                 "eval_items": args.eval_items}
-        run_data_efficiency(out=args.out or "runs/data-efficiency", quick=args.quick, seeds=args.seeds,
-                            extra=args.overrides, sizes=sizes, command=_command_line(), report_only=args.report_only)
-        return 0
-    if args.name == "vladva":
-        from vlmalign.experiments.vladva import run_vladva
+    from vlmalign.experiments import EXPERIMENTS
 
-        run_vladva(out=args.out or "runs/vladva", quick=args.quick, seeds=args.seeds, extra=args.overrides,
-                   command=_command_line(), report_only=args.report_only)
-        return 0
-    if args.name == "prompts":
+    if args.name == "prompts" and args.checkpoint:
         from vlmalign.experiments.prompts import run_prompts
 
-        if not args.checkpoint:
-            console.print("[red]experiment prompts[/] needs --checkpoint DIR (a trained align-clip or discriminative run)")
-            return 2
         run_prompts(args.checkpoint, args.out, args.overrides)
         return 0
-    console.print(f"[red]unknown experiment {args.name!r}[/]; known: data-efficiency, vladva, prompts")
-    return 2
+    if args.name not in EXPERIMENTS:
+        console.print(f"[red]unknown experiment {args.name!r}[/]; known: {', '.join(EXPERIMENTS)}")
+        return 2
+    module, entry, _ = EXPERIMENTS[args.name]
+    kwargs = {"out": args.out or f"runs/{args.name}", "quick": args.quick, "seeds": args.seeds,
+              "extra": args.overrides, "command": _command_line(), "report_only": args.report_only}
+    if args.name in ("data-efficiency", "ak"):
+        kwargs["sizes"] = {"scenes": args.scenes, "align_steps": args.align_steps, "epochs": args.epochs,
+                           "eval_items": args.eval_items}
+    getattr(importlib.import_module(module), entry)(**kwargs)
+    return 0
 
 
 def _command_line() -> str:
@@ -503,17 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_baseline)
 
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
-    x.add_argument("name", help="data-efficiency (CG-VLM), vladva (VladVA ablation + CLIP peer), prompts (Ak et al.)")
-    x.add_argument("--checkpoint", default=None, help="prompts: the checkpoint (or run folder) to evaluate")
+    x.add_argument("name", help="vladva (VladVA), data-efficiency (CG-VLM), ak (Ak et al.), prompts (Ak et al.'s "
+                   "prompt study); docs/experiments.md")
+    x.add_argument("--checkpoint", default=None, help="prompts: evaluate this checkpoint under each prompt (no training)")
     x.add_argument("--quick", action="store_true", help="small sizes: a smoke run (under 3 minutes)")
     x.add_argument("--report-only", action="store_true",
                    help="write results.json, table and plot from the runs finished so far; run nothing")
     x.add_argument("--out", default=None)
     x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0 1)")
-    x.add_argument("--scenes", type=int, help="data-efficiency: shapes scenes (default 1000; 80%% train)")
-    x.add_argument("--align-steps", type=int, help="data-efficiency: alignment steps (default 60)")
-    x.add_argument("--epochs", type=float, help="data-efficiency: instruction-tuning epochs (default 1)")
-    x.add_argument("--eval-items", type=int, help="data-efficiency: held-out questions (default 300)")
+    x.add_argument("--scenes", type=int, help="data-efficiency, ak: shapes scenes (default 1000; 80%% train)")
+    x.add_argument("--align-steps", type=int, help="data-efficiency, ak: alignment steps (default 60)")
+    x.add_argument("--epochs", type=float, help="data-efficiency, ak: instruction-tuning epochs (default 1)")
+    x.add_argument("--eval-items", type=int, help="data-efficiency, ak: held-out questions (default 300)")
     x.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     x.set_defaults(fn=_cmd_experiment)
 

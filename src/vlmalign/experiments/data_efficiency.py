@@ -156,64 +156,83 @@ def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str]):
     return setup
 
 
-def _align(sh: Shared, name: str, seed: int) -> Path:
-    """The seed's `name` alignment checkpoint, trained once per seed (from the seed's
-    initial projector) and reused by its instruction arms."""
-    if name not in sh.aligned:
-        cfg = load_config(recipe_config(name), sh.common + [
-            f"train.out_dir={sh.out / 'runs' / f'{name}-seed{seed}'}", f"train.max_steps={sh.settings['align_steps']}",
+def align(sh: Shared, recipe: str, seed: int, extra: tuple[str, ...] = (), key: str | None = None) -> Path:
+    """The seed's alignment checkpoint of `recipe` (+ `extra` overrides), trained once per
+    seed from the seed's initial projector and reused by its instruction arms; its config
+    is kept in `sh.aligned[key + ":cfg"]`."""
+    key = key or recipe
+    if key not in sh.aligned:
+        cfg = load_config(recipe_config(recipe), sh.common + list(extra) + [
+            f"train.out_dir={sh.out / 'runs' / f'{_slug(key)}-seed{seed}'}", f"train.max_steps={sh.settings['align_steps']}",
             f"train.batch_size={sh.settings['align_batch']}", f"train.lr={sh.settings['align_lr']}",
             f"train.warmup_steps={warmup_steps(sh.settings['align_steps'], sh.settings['warmup'])}"])
         sh.model.projector.load_state_dict(sh.initial)
         sh.model.embed_mean_ready.fill_(False)
         result = train(cfg, model=sh.model, data=sh.captions)
-        sh.aligned[name] = result.checkpoint
-        sh.aligned[f"{name}:cfg"] = cfg  # type: ignore[assignment]
-    return sh.aligned[name]
+        sh.aligned[key] = result.checkpoint
+        sh.aligned[f"{key}:cfg"] = cfg  # type: ignore[assignment]
+    return sh.aligned[key]
+
+
+def instruct(sh: Shared, init: Path, fraction: float, seed: int, tag: str) -> tuple[VLM, dict]:
+    """LoRA instruction tuning from the alignment checkpoint `init` on `fraction` of the
+    free-form QA pool, for the same epochs whatever the fraction; returns the model and
+    what the record keeps (steps, records, warmup steps, train_s)."""
+    s = sh.settings
+    rows = _subset_rows(len(sh.conversations.records), fraction, seed)
+    data = TrainData(sh.conversations.kind, [sh.conversations.records[i] for i in rows],
+                     sh.conversations.features[rows] if sh.conversations.features is not None else None,
+                     sh.conversations.text_cache, sh.conversations.report)
+    steps = instruct_steps(len(rows), s["batch"], s["epochs"])
+    cfg = load_config(recipe_config("instruct"), sh.common + [
+        ATTENTION, f"data.train_file={FREE_FORM}", f"train.init_from={init}", f"train.max_steps={steps}",
+        f"train.batch_size={s['batch']}", f"train.lr={s['instruct_lr']}",
+        f"train.warmup_steps={warmup_steps(steps, s['warmup'])}",
+        f"train.out_dir={sh.out / 'runs' / f'{_slug(tag)}-instruct-{fraction:g}-seed{seed}'}"])
+    set_seed(seed)
+    model = VLM.build(cfg)  # fresh LoRA adapters, the same for every arm of the seed
+    result = train(cfg, model=model, data=data)
+    model.eval()
+    return model, {"steps": steps, "records": len(rows), "warmup_steps": warmup_steps(steps, s["warmup"]),
+                   "train_s": result.wall_time_s}
+
+
+def _slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def aligned_scores(sh: Shared, key: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Before stage 2: the image-information check and the prompted-embedding retrieval
+    (text->image R@1 and R@5 per caption) of the aligned model `sh.model`."""
+    cfg = sh.aligned[f"{key}:cfg"]
+    model = sh.model
+    model.eval()
+    with torch.no_grad():
+        metrics = image_information(model, sh.eval_data, cfg)
+        img = model.embed_images(sh.eval_data.features)
+        txt = CachedTextEmbedder(model, sh.text_cache).embed_texts(sh.eval_data.captions).to(img.device)
+        items = {f"t2i_R@{k}": retrieval_hits(img, txt, sh.eval_data.text_to_image, k)["t2i"] for k in (1, 5)}
+    return metrics | {k: sum(v) / len(v) for k, v in items.items()}, items
 
 
 def _aligned_arm(name: str) -> Variant:
     def run(sh: Shared, seed: int) -> VariantResult:
-        _align(sh, name, seed)
-        cfg = sh.aligned[f"{name}:cfg"]
-        model = sh.model
-        model.eval()
+        align(sh, name, seed)
+        metrics, items = aligned_scores(sh, name)
         with torch.no_grad():
-            metrics, items = mcq_items(model, sh.items, sh.features)
-            metrics |= image_information(model, sh.eval_data, cfg)
-            img = model.embed_images(sh.eval_data.features)
-            txt = CachedTextEmbedder(model, sh.text_cache).embed_texts(sh.eval_data.captions).to(img.device)
-            hits = retrieval_hits(img, txt, sh.eval_data.text_to_image, 5)
-        items["t2i_R@5"] = hits["t2i"]
-        metrics["t2i_R@5"] = sum(hits["t2i"]) / len(hits["t2i"])
-        return VariantResult(metrics, items, {"steps": 0})
+            m, i = mcq_items(sh.model, sh.items, sh.features)
+        return VariantResult(metrics | m, items | i, {"steps": 0})
 
     return Variant(f"{name} (no instruct)", run, f"{name} alignment, before instruction tuning")
 
 
 def _instruct_arm(name: str, fraction: float) -> Variant:
     def run(sh: Shared, seed: int) -> VariantResult:
-        init = _align(sh, name, seed)
-        s = sh.settings
-        rows = _subset_rows(len(sh.conversations.records), fraction, seed)
-        data = TrainData(sh.conversations.kind, [sh.conversations.records[i] for i in rows],
-                         sh.conversations.features[rows] if sh.conversations.features is not None else None,
-                         sh.conversations.text_cache, sh.conversations.report)
-        steps = instruct_steps(len(rows), s["batch"], s["epochs"])
-        cfg = load_config(recipe_config("instruct"), sh.common + [
-            ATTENTION, f"data.train_file={FREE_FORM}", f"train.init_from={init}", f"train.max_steps={steps}",
-            f"train.batch_size={s['batch']}", f"train.lr={s['instruct_lr']}",
-            f"train.warmup_steps={warmup_steps(steps, s['warmup'])}",
-            f"train.out_dir={sh.out / 'runs' / f'{name}-instruct-{fraction:g}-seed{seed}'}"])
-        set_seed(seed)
-        model = VLM.build(cfg)  # fresh LoRA adapters, the same for every arm of the seed
-        result = train(cfg, model=model, data=data)
-        model.eval()
+        model, kept = instruct(sh, align(sh, name, seed), fraction, seed, name)
         with torch.no_grad():
             metrics, items = mcq_items(model, sh.items, sh.features)
-        metrics["train_s"] = result.wall_time_s
-        return VariantResult(metrics, items, {"steps": steps, "records": len(rows),
-                                              "warmup_steps": warmup_steps(steps, s["warmup"])})
+        metrics["train_s"] = kept["train_s"]
+        return VariantResult(metrics, items, kept)
 
     return Variant(f"{name} @ {fraction:.0%}", run, f"{name}, then LoRA instruction tuning on {fraction:.0%} of the "
                                                      "free-form QA")
@@ -268,6 +287,7 @@ def metrics(chance: float) -> list[Metric]:
         Metric("caption_loss_shuffled_image", "held-out caption loss, shuffled image", None, lower_is_better=True,
                unit=""),
         Metric("image_information_gap", "caption loss: shuffled - true image", 0.0, unit=""),
+        Metric("t2i_R@1", "aligned projector: text->image R@1 (prompted embeddings)", 1.0),
         Metric("t2i_R@5", "aligned projector: text->image R@5 (prompted embeddings)", 5.0),
         Metric("train_s", "instruction-tuning time (s)", None, lower_is_better=True, unit=""),
     ]
