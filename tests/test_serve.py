@@ -162,6 +162,10 @@ def test_page_in_headless_chromium(served, tmp_path):
             expect(results).to_contain_text(f"{top_score:.3f}", timeout=60_000)
             expect(results).to_contain_text(Path(top_name).name)
             expect(page.locator("#vlmalign-gallery img")).to_have_count(len(hits), timeout=30_000)
+            # the images themselves load from the server (the index's folder is allowed)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#vlmalign-gallery img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
             page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
             browser.close()
     finally:

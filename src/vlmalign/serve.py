@@ -143,7 +143,7 @@ def build_page(server: ServeModel):
                     top = gr.Slider(1, min(32, len(server.names)), value=min(8, len(server.names)), step=1,
                                     label="Results", scale=1)
                 search_btn = gr.Button("Search", variant="primary", elem_id="vlmalign-search-btn")
-                gallery = gr.Gallery(label="Nearest images", columns=4, height="auto", buttons=["fullscreen"],
+                gallery = gr.Gallery(label="Nearest images", columns=4, height=560, buttons=["fullscreen"],
                                      elem_id="vlmalign-gallery")
                 table = gr.Dataframe(headers=["rank", "score", "image"], datatype=["number", "str", "str"],
                                      interactive=False, elem_id="vlmalign-results", wrap=True)
