@@ -189,3 +189,20 @@ def test_several_trackers_at_once(tmp_path, monkeypatch):
     _train(tmp_path)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")) and (tmp_path / "mlruns").is_dir()
     assert set(json.loads((tmp_path / TRACKER_FILE).read_text())) == {"mlflow"}
+
+
+def test_training_run_reports_to_the_configured_tracker(tiny_cfg, monkeypatch):
+    """The trainer's RunLog finds train.report_to in the run's config.yaml."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from vlmalign.train.trainer import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_cfg("align", "train.max_steps=2", "train.report_to=mlflow", "train.eval_at_end=false")
+    out = Path(cfg.train.out_dir)
+    train(cfg)
+    run_id = json.loads((out / TRACKER_FILE).read_text())["mlflow"]
+    (run,) = list((out / "mlruns").glob(f"*/{run_id}"))
+    assert (run / "params" / "recipe").read_text() == "align"
+    assert (run / "params" / "train.report_to").read_text() == "mlflow"
+    assert len((run / "metrics" / "train" / "loss").read_text().splitlines()) == 1  # log_every=2, 2 steps
+    assert not (out / "tb").exists()
