@@ -237,3 +237,24 @@ def test_training_continues_from_a_llava_folder(tmp_path, tiny_cfg):
     for k, v in result.model.projector.state_dict().items():
         assert torch.equal(v.cpu(), reloaded.projector.state_dict()[k])
     assert json.loads((result.checkpoint / "trainer_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["vision.tower=efficientnet-lite0", "vision.pretrained=false", MLP], "is not an HF CLIP / SigLIP tower"),
+    (["vision.tower=hf", "vision.name={clip}", "vision.image_size=64", MLP],
+     "differs from the tower's own 32 (interpolated position embeddings)"),
+    (["vision.tower=tiny", "projector.type=linear"], "projector.type=linear is not mlp2x_gelu"),
+])
+def test_blockers_name_the_setting(overrides, reason, tiny_cfg, tmp_path):
+    from transformers import CLIPVisionModel
+
+    from vlmalign.llava_format import check_exportable, llava_blockers
+    from vlmalign.models.vision import tiny_clip_vision_config
+
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(tmp_path / "clip")
+    model = VLM.build(tiny_cfg("align", *(o.format(clip=tmp_path / "clip") for o in overrides)))
+    (problem,) = llava_blockers(model)
+    assert reason in problem
+    with pytest.raises(NotExpressibleError, match="vlmalign export CKPT --format vlmalign"):
+        check_exportable(model)
+    assert llava_blockers(VLM.build(tiny_cfg("align", MLP))) == []  # the tiny CLIP tower + mlp2x_gelu is fine
