@@ -258,3 +258,30 @@ def test_blockers_name_the_setting(overrides, reason, tiny_cfg, tmp_path):
     with pytest.raises(NotExpressibleError, match="vlmalign export CKPT --format vlmalign"):
         check_exportable(model)
     assert llava_blockers(VLM.build(tiny_cfg("align", MLP))) == []  # the tiny CLIP tower + mlp2x_gelu is fine
+
+
+@torch.no_grad()
+def test_siglip_tower_exports_with_the_full_strategy(tiny_cfg, tmp_path, shapes_root):
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(tmp_path / "siglip")
+    overrides = ["vision.tower=hf", f"vision.name={tmp_path / 'siglip'}", "vision.image_size=32", MLP]
+    ckpt = VLM.build(tiny_cfg("align", *overrides)).save_pretrained(tmp_path / "ckpt")
+    original = VLM.from_pretrained(ckpt).eval()
+    out = export_llava(ckpt, tmp_path / "llava")
+    llava = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert llava.config.vision_feature_select_strategy == "full"
+    prompt = processor.apply_chat_template(_messages(QUESTION), add_generation_prompt=True)
+    inputs = processor(images=_image(shapes_root), text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == original.image_token_id).sum()) == 16  # no CLS to drop
+    vocab = original.llm.get_input_embeddings().num_embeddings
+    want = _vlmalign_logits(original, inputs["input_ids"], inputs["pixel_values"])
+    assert (llava(**inputs).logits[..., :vocab] - want).abs().max() < 1e-5
