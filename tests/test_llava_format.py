@@ -285,3 +285,38 @@ def test_siglip_tower_exports_with_the_full_strategy(tiny_cfg, tmp_path, shapes_
     vocab = original.llm.get_input_embeddings().num_embeddings
     want = _vlmalign_logits(original, inputs["input_ids"], inputs["pixel_values"])
     assert (llava(**inputs).logits[..., :vocab] - want).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_gemma3_llm_exports_with_equal_logits(tiny_cfg, tmp_path, shapes_root):
+    """Gemma-3 (scaled input embeddings, sliding-window layers shorter than the prompt)
+    in the LLaVA format: a tiny random Gemma3ForCausalLM saved to a folder."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+    )
+
+    from vlmalign.models.language import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    torch.manual_seed(0)
+    ckpt = VLM.build(tiny_cfg("align", f"llm.name={tmp_path / 'gemma'}", MLP)).save_pretrained(tmp_path / "ckpt")
+    original = _seeded_load(ckpt)
+    torch.manual_seed(0)
+    out = export_llava(ckpt, tmp_path / "llava")
+    llava = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.apply_chat_template(_messages(QUESTION), add_generation_prompt=True)
+    inputs = processor(images=_image(shapes_root), text=prompt, return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > config.sliding_window
+    vocab = original.llm.get_input_embeddings().num_embeddings
+    want = _vlmalign_logits(original, inputs["input_ids"], inputs["pixel_values"])
+    assert (llava(**inputs).logits[..., :vocab] - want).abs().max() < 1e-5
