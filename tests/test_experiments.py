@@ -86,3 +86,40 @@ def test_prompts_experiment_compares_prompts_on_one_checkpoint(tiny_cfg, tmp_pat
     gaps = {round(m["gap_gap"], 6) for m in results.values()}
     assert len(gaps) > 1  # the prompt changes the embeddings
     assert results["no instruction"]["text_prompt"] == "<sent>"
+
+
+def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
+    from vlmalign.experiments.ak import ARMS
+
+    out = tmp_path / "ak"
+    assert main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "8", "--seeds", "0", "--",
+                 "ak", "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
+                 "lora.target_modules=q_proj,v_proj"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert {r["variant"] for r in summary["records"]} == set(ARMS)
+    for r in summary["records"]:
+        assert {"mcq_lik", "mcq_gen", "t2i_R@5", "caption_loss_true_image"} <= set(r["metrics"])
+        assert r["extra"]["steps"] >= 1  # every arm was instruction-tuned
+    import yaml
+
+    raw = yaml.safe_load((out / "runs" / "align-clip-raw-seed0" / "config.yaml").read_text())
+    assert raw["embedding"]["centre"] is False
+    assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval"}
+
+
+def test_prompt_study_trains_one_model_per_prompt(tmp_path):
+    from vlmalign.experiments.prompts import PROMPTS
+
+    out = tmp_path / "prompts"
+    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "--", "prompts", "llm.name=tiny",
+                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    recs = {r["variant"]: r for r in summary["records"]}
+    assert list(recs) == [p[0] for p in PROMPTS] and len(PROMPTS) >= 3
+    assert recs["no instruction"]["extra"]["text_prompt"] == "<sent>"
+    # each model trained under its own prompt (the saved config of its run says so)
+    import yaml
+
+    for name, image_prompt, text_prompt in PROMPTS:
+        cfg = yaml.safe_load((out / "runs" / f"{name.replace(' ', '-')}-seed0" / "config.yaml").read_text())
+        assert (cfg["embedding"]["image_prompt"], cfg["embedding"]["text_prompt"]) == (image_prompt, text_prompt)
