@@ -160,6 +160,7 @@ def test_export_refuses_what_llava_cannot_express(tiny_cfg, tmp_path):
         export_llava(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert main(["export", str(ckpt), "--format", "llava", "--out", str(tmp_path / "out")]) == 2
+    assert main(["export", str(ckpt), "--format", "llava", "--no-merge-lora", "--out", str(tmp_path / "out")]) == 2
 
 
 def test_model_card_names_models_recipe_metrics_and_command(trained, exported):

@@ -215,6 +215,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from vlmalign.llava_format import NotExpressibleError
 
     if args.format == "llava":
+        if not args.merge_lora:
+            console.print("[red]export --format llava:[/] LLaVA holds one LLM: LoRA adapters are always merged "
+                          "(--no-merge-lora is for the vlmalign format)")
+            return 2
         try:
             out = export_llava(args.checkpoint, args.out)
         except NotExpressibleError as e:
