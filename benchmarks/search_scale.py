@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from vlmalign.search_index import ExactIndex, FaissIndex, default_nlist
+from vlmalign.search_index import ExactIndex, FaissIndex, default_nlist, default_nprobe
 
 
 def clustered(n: int, dim: int, seed: int, centres: torch.Tensor | None = None, chunk: int = 100_000):
@@ -68,7 +68,7 @@ def query_times(index, queries: torch.Tensor, single: int, k: int = 10) -> tuple
     return 1000 * statistics.median(times), 1000 * batch, rows
 
 
-def run_size(n: int, dim: int, n_queries: int, single: int, nprobes: list[int]) -> dict:
+def run_size(n: int, dim: int, n_queries: int, single: int, nprobes: list[str]) -> dict:
     t = time.perf_counter()
     x, centres = clustered(n, dim, seed=n)
     q, _ = clustered(n_queries, dim, seed=n + 1, centres=centres)
@@ -82,13 +82,13 @@ def run_size(n: int, dim: int, n_queries: int, single: int, nprobes: list[int]) 
     t = time.perf_counter()
     ivf = FaissIndex.build(x)
     out["ivf"] = {"nlist": int(ivf.index.nlist), "build_s": round(time.perf_counter() - t, 1), "by_nprobe": []}
-    for p in nprobes:
+    for p in sorted({default_nprobe(ivf.index.nlist) if p == "default" else int(p) for p in nprobes}):
         ivf.nprobe = p
         s_ms, b_ms, rows = query_times(ivf, q, single)
         r = recall_at_10(rows, truth)
-        out["ivf"]["by_nprobe"].append({"nprobe": p, "recall_at_10": round(r, 4), "single_query_ms": round(s_ms, 3),
+        out["ivf"]["by_nprobe"].append({"nprobe": p, "default": p == default_nprobe(ivf.index.nlist), "recall_at_10": round(r, 4), "single_query_ms": round(s_ms, 3),
                                         "batch_ms_per_query": round(b_ms, 4)})
-        print(f"  IVF nlist {ivf.index.nlist} nprobe {p}: recall@10 {r:.3f}, {s_ms:.2f} ms/query alone, "
+        print(f"  IVF nlist {ivf.index.nlist} nprobe {p}{' (default)' if p == default_nprobe(ivf.index.nlist) else ''}: recall@10 {r:.3f}, {s_ms:.2f} ms/query alone, "
               f"{b_ms:.3f} ms/query in a batch", flush=True)
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     del ivf, x
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=576)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--single", type=int, default=20, help="queries timed one at a time")
-    ap.add_argument("--nprobe", default="8,16,32,64")
+    ap.add_argument("--nprobe", default="8,16,32,64,default", help="lists probed; default: search_index.default_nprobe")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -111,7 +111,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     load_before = os.getloadavg()
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = [run_size(n, args.dim, args.queries, args.single, [int(p) for p in args.nprobe.split(",")])
+    results = [run_size(n, args.dim, args.queries, args.single, args.nprobe.split(","))
                for n in sizes]
     record = {
         "what": "exact vs FAISS IVF-Flat search on clustered synthetic unit vectors (benchmarks/search_scale.py)",

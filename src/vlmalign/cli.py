@@ -296,7 +296,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from vlmalign.inference import load_checkpoint, read_index, search
-    from vlmalign.search_index import DEFAULT_NPROBE, EXACT_MAX_VECTORS, cached_index
+    from vlmalign.search_index import EXACT_MAX_VECTORS, cached_index
 
     index, names, meta = read_index(args.index)
     if meta.get("kind") != "image":
@@ -304,8 +304,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         return 2
     model = load_checkpoint(args.checkpoint)
     exact_max = EXACT_MAX_VECTORS if args.exact_max is None else args.exact_max
-    nprobe = DEFAULT_NPROBE if args.nprobe is None else args.nprobe
-    found = cached_index(index, args.index, args.method, exact_max, nprobe)  # FAISS kept in <index>.faiss
+    found = cached_index(index, args.index, args.method, exact_max, args.nprobe)  # FAISS kept in <index>.faiss
     print(f"{found.kind} search over {found.ntotal} images", file=sys.stderr)
     for rank, (name, score) in enumerate(search(model, found, names, args.query, args.top), start=1):
         print(f"{rank:2d}. {score:.3f}  {name}")  # plain: paths must not wrap
@@ -457,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--exact-max", type=int, default=None,
                     help="largest index searched exactly by auto (default: search_index.EXACT_MAX_VECTORS)")
     se.add_argument("--nprobe", type=int, default=None,
-                    help="IVF lists searched per query, recall vs time (default: search_index.DEFAULT_NPROBE)")
+                    help="IVF lists searched per query, recall vs time (default: an eighth of them, at least 8)")
     se.set_defaults(fn=_cmd_search)
 
     bn = sub.add_parser("bench", help="time the training step of each recipe, defaults vs naive (ms, samples/s, memory, MFU)")

@@ -22,7 +22,7 @@ from vlmalign.data.images import BadImageError, load_image
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
-from vlmalign.search_index import DEFAULT_NPROBE, SearchIndex, build_index
+from vlmalign.search_index import SearchIndex, build_index
 from vlmalign.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -158,14 +158,15 @@ def search(
     query: str,
     top: int = 5,
     method: str = "auto",
-    nprobe: int = DEFAULT_NPROBE,
+    nprobe: int | None = None,
 ) -> list[tuple[str, float]]:
     """The `top` rows of an image index most similar (cosine) to a text query, best first.
 
     `index` is the embeddings [N, D] (then searched exactly up to
     `search_index.EXACT_MAX_VECTORS` rows and with a FAISS IVF index above, as `method`
-    "auto" | "exact" | "faiss" says) or an index already built (`search_index.build_index`,
-    `cached_index`), which spares rebuilding it for every query.
+    "auto" | "exact" | "faiss" says; `nprobe` None: an eighth of the IVF lists) or an index
+    already built (`search_index.build_index`, `cached_index`), which spares rebuilding it
+    for every query.
     """
     if isinstance(index, torch.Tensor):
         if index.shape[0] != len(names):

@@ -9,12 +9,13 @@ L2-normalised embeddings):
   Perfect recall; the time per query grows with N x D.
 - `FaissIndex`: FAISS (`pip install "vlmalign[faiss]"`, the `faiss-cpu` wheel). By default an
   inverted-file index (IVF-Flat, inner product, spherical k-means over ~sqrt(N) lists,
-  searched in `nprobe` of them), so a query scores about N * nprobe / nlist vectors.
+  searched in `nprobe` of them, by default an eighth), so a query scores about
+  N * nprobe / nlist vectors.
   `exact=True` gives FAISS's flat (exhaustive) index instead, for checking.
 
 `method="auto"` searches exactly up to `EXACT_MAX_VECTORS` vectors and with IVF above it
 (falling back to exact search, with a warning, when FAISS is not installed). The switch
-point and the default `nprobe` come from `benchmarks/search_scale.py` (benchmarks/README.md,
+point and the default share of lists probed come from `benchmarks/search_scale.py` (benchmarks/README.md,
 "Search at scale"). An IVF index is trained once and can be saved next to the embeddings
 (`cached_index`), so later searches load it instead of training again.
 """
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EXACT_MAX_VECTORS",
-    "DEFAULT_NPROBE",
+    "PROBE_FRACTION",
     "SEARCH_METHODS",
     "SearchIndex",
     "ExactIndex",
@@ -51,9 +52,12 @@ __all__ = [
 # cores at D=576 (the SmolLM2 embedding size) and needs no training; above it IVF keeps
 # recall@10 >= 0.95 at a fraction of the time (benchmarks/README.md, "Search at scale").
 EXACT_MAX_VECTORS = 100_000
-# IVF lists searched per query: recall@10 >= 0.95 on our clustered synthetic sets at
-# 10^5 and 10^6 vectors (benchmarks/README.md). More lists, higher recall, slower queries.
-DEFAULT_NPROBE = 32
+# Share of the IVF lists searched per query (at least MIN_NPROBE lists): with ~sqrt(N)
+# lists, an eighth kept recall@10 >= 0.95 on our clustered synthetic sets of 10^4-10^6
+# vectors, where a fixed 32 lists fell to 0.94 at 10^6 (benchmarks/README.md, "Search at
+# scale"). More lists, higher recall, slower queries: `nprobe` sets it per index.
+PROBE_FRACTION = 1 / 8
+MIN_NPROBE = 8
 SEARCH_METHODS = ("auto", "exact", "faiss")
 FAISS_HINT = 'install FAISS with `pip install "vlmalign[faiss]"` (the faiss-cpu wheel)'
 
@@ -120,10 +124,16 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(round(math.sqrt(n))), n // 39))
 
 
-class FaissIndex:
-    """A FAISS inner-product index: IVF-Flat (approximate) or Flat (exact)."""
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query: `PROBE_FRACTION` of `nlist`, at least `MIN_NPROBE`."""
+    return min(nlist, max(MIN_NPROBE, math.ceil(nlist * PROBE_FRACTION)))
 
-    def __init__(self, index, nprobe: int = DEFAULT_NPROBE) -> None:
+
+class FaissIndex:
+    """A FAISS inner-product index: IVF-Flat (approximate) or Flat (exact). `nprobe`
+    None: `default_nprobe(nlist)`."""
+
+    def __init__(self, index, nprobe: int | None = None) -> None:
         self.index = index
         self.ntotal = int(index.ntotal)
         self.nprobe = nprobe
@@ -134,7 +144,9 @@ class FaissIndex:
         return self._nprobe
 
     @nprobe.setter
-    def nprobe(self, value: int) -> None:
+    def nprobe(self, value: int | None) -> None:
+        if value is None:
+            value = default_nprobe(self.index.nlist) if hasattr(self.index, "nlist") else 1
         if value < 1:
             raise ValueError(f"nprobe must be >= 1, got {value}")
         self._nprobe = int(value)
@@ -147,7 +159,7 @@ class FaissIndex:
         vectors: Tensor | np.ndarray,
         exact: bool = False,
         nlist: int | None = None,
-        nprobe: int = DEFAULT_NPROBE,
+        nprobe: int | None = None,
         train_points_per_list: int = 64,
         seed: int = 0,
     ) -> FaissIndex:
@@ -196,7 +208,7 @@ class FaissIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, nprobe: int = DEFAULT_NPROBE) -> FaissIndex:
+    def load(cls, path: str | Path, nprobe: int | None = None) -> FaissIndex:
         return cls(_faiss().read_index(str(path)), nprobe)
 
 
@@ -222,7 +234,7 @@ def build_index(
     vectors: Tensor | np.ndarray,
     method: str = "auto",
     exact_max: int = EXACT_MAX_VECTORS,
-    nprobe: int = DEFAULT_NPROBE,
+    nprobe: int | None = None,
 ) -> ExactIndex | FaissIndex:
     """An index over `vectors` [N, D]: exact up to `exact_max` vectors, FAISS IVF above
     (method "auto"), or as `method` ("exact" | "faiss") says."""
@@ -237,7 +249,7 @@ def cached_index(
     source: str | Path,
     method: str = "auto",
     exact_max: int = EXACT_MAX_VECTORS,
-    nprobe: int = DEFAULT_NPROBE,
+    nprobe: int | None = None,
 ) -> ExactIndex | FaissIndex:
     """`build_index`, keeping a FAISS index in `<source>.faiss` next to the embeddings
     file `source`: loaded when it is newer than `source` and holds as many vectors, built
