@@ -22,7 +22,10 @@ def test_data_efficiency_runs_every_arm_with_the_ratio_and_the_image_check(tmp_p
     by = {(r["variant"], r["seed"]): r for r in summary["records"]}
     full, tenth = by[("align @ 100%", 0)]["extra"], by[("align @ 10%", 0)]["extra"]
     assert full["records"] > tenth["records"] >= 1 and full["steps"] >= tenth["steps"]
-    assert tenth["warmup_steps"] == int(0.1 * tenth["steps"])  # warmup is a fraction of the run
+    from vlmalign.experiments.data_efficiency import warmup_steps
+
+    assert tenth["warmup_steps"] == warmup_steps(tenth["steps"], 0.1)  # warmup is a fraction of the run
+    assert [warmup_steps(n, 0.1) for n in (3, 10, 19, 20, 60)] == [0, 0, 0, 2, 6]  # never a lone lr-0 step
     for r in summary["records"]:
         assert len(r["items"]["mcq_lik"]) == 10 and 0 <= r["metrics"]["mcq_lik"] <= 100
     aligned = by[("align (no instruct)", 0)]["metrics"]
@@ -43,7 +46,7 @@ def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_pat
     out = tmp_path / "vladva"
     rc = main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
                "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60", "lora.target_modules=q_proj,v_proj",
-               "baseline.text_tower=tiny"])
+               "baseline.text_tower=tiny", "size.lrs=1e-3,2e-4"])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["seeds"] == [0, 1]
@@ -70,7 +73,7 @@ def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_pat
     before = (out / "results.jsonl").read_text()
     assert main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
                  "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
-                 "lora.target_modules=q_proj,v_proj", "baseline.text_tower=tiny"]) == 0
+                 "lora.target_modules=q_proj,v_proj", "baseline.text_tower=tiny", "size.lrs=1e-3,2e-4"]) == 0
     assert (out / "results.jsonl").read_text() == before
 
 

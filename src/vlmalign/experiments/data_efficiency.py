@@ -77,9 +77,11 @@ def instruct_steps(records: int, batch: int, epochs: float) -> int:
 
 
 def warmup_steps(steps: int, fraction: float) -> int:
-    """Warmup as a fraction of the run, rounded down: a 3-step run gets none (a warmup
-    step runs at lr 0 in the cosine-with-warmup schedule, which would waste a third of it)."""
-    return int(fraction * steps)
+    """Warmup as a fraction of the run, rounded down, and none below 2 steps: the first
+    warmup step of the cosine-with-warmup schedule runs at lr 0, so a 1-step warmup would
+    only waste a step of a short run."""
+    n = int(fraction * steps)
+    return n if n >= 2 else 0
 
 
 def derangement(n: int, seed: int = 0) -> torch.Tensor:

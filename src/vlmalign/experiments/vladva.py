@@ -49,6 +49,7 @@ from vlmalign.data.splits import ensure_data
 from vlmalign.data.winoground import write_word_order_pairs
 from vlmalign.eval.evaluate import CachedTextEmbedder, EvalData, heldout_ntp_loss
 from vlmalign.experiments import stats
+from vlmalign.experiments.data_efficiency import warmup_steps
 from vlmalign.experiments.runner import Experiment, Metric, Variant, VariantResult, run_experiment
 from vlmalign.experiments.scoring import WORD_ORDER_CHANCE, WordOrderData, embedding_items
 from vlmalign.models.vlm import VLM
@@ -195,8 +196,8 @@ def _overrides(s: dict, out: Path, llm: str, tower: str, extra: list[str]) -> li
     return [f"data.root={out / 'shapes'}", f"data.shapes_n={s['scenes']}", f"data.data_fraction={s['train_fraction']}",
             "data.fraction_seed=0", f"train.max_steps={s['steps']}", f"train.batch_size={s['batch']}",
             f"data.eval_max_samples={s['eval']}", f"data.long_max_tokens={s['long_tokens']}", f"llm.name={llm}",
-            f"vision.tower={tower}", "train.log_every=10", "train.eval_at_end=false", "train.save_every=0",
-            f"train.warmup_steps={int(0.1 * s['steps'])}", f"train.feature_cache_dir={out / 'features'}", *extra]
+            f"vision.tower={tower}", "train.log_every=5", "train.eval_at_end=false", "train.save_every=0",
+            f"train.warmup_steps={warmup_steps(s['steps'], 0.1)}", f"train.feature_cache_dir={out / 'features'}", *extra]
 
 
 def _setup(s: dict, out: Path, llm: str, tower: str, extra: list[str], split: str = "test"):
@@ -318,6 +319,22 @@ def sweep_experiment(s: dict, out: Path, llm: str, tower: str, extra: list[str],
     )
 
 
+def parse_sizes(overrides: list[str]) -> dict[str, Any]:
+    """`size.KEY=VALUE` overrides (e.g. `size.steps=10 size.lrs=1e-3,2e-4 size.seeds=0,1,2`)
+    as sizes: numbers parsed, comma lists as lists."""
+    def value(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    out: dict[str, Any] = {}
+    for o in overrides:
+        key, _, text = o[len("size."):].partition("=")
+        out[key] = [value(t) for t in text.split(",")] if key in ("lrs", "seeds") else value(text)
+    return out
+
+
 def best_lrs(summary: dict, lrs: list[float]) -> dict[str, float]:
     """Per arm, the lr of the best validation score (t2i R@1 + compositional)."""
     def score(name: str, lr: float) -> float:
@@ -336,17 +353,24 @@ def run_vladva(out: str | Path = "runs/vladva", quick: bool = False, seeds: list
     (also `results.json`, `table.md`, `plot.png` under `out`, the sweep's under
     `out/sweep`)."""
     out = Path(out)
-    s = (QUICK if quick else FULL) | {k: v for k, v in (sizes or {}).items() if v is not None}
+    extra = list(extra or [])
+    sizes = dict(sizes or {}) | parse_sizes([o for o in extra if o.startswith("size.")])
+    extra = [o for o in extra if not o.startswith("size.")]
+    s = (QUICK if quick else FULL) | {k: v for k, v in sizes.items() if v is not None}
     if unknown := set(s) - set(FULL):
         raise ValueError(f"unknown vladva sizes {sorted(unknown)}; known: {', '.join(FULL)}")
     if seeds:
         s["seeds"] = list(seeds)
-    extra = list(extra or [])
     log = console.print
-    sweep = run_experiment(sweep_experiment(s, out, llm, tower, extra, clip_text_tower), out / "sweep", log=log,
-                           execute=not report_only)
-    lrs = best_lrs(sweep, s["lrs"])
-    log(f"chosen learning rates (validation): {lrs}")
+    if len(s["lrs"]) > 1:
+        sweep = run_experiment(sweep_experiment(s, out, llm, tower, extra, clip_text_tower), out / "sweep", log=log,
+                               execute=not report_only)
+        lrs = best_lrs(sweep, s["lrs"])
+        log(f"chosen learning rates (validation): {lrs}")
+    else:  # one lr for every arm: nothing to choose, no sweep
+        sweep = {"metrics": {}}
+        lrs = {name: s["lrs"][0] for name in ARM_NAMES}
+        log(f"one learning rate for every arm, no sweep: {s['lrs'][0]:g}")
     exp = Experiment(
         name="vladva", title="VladVA on shapes: ablation and the CLIP peer",
         variants=[_arm(name, lrs[name], "", clip_text_tower) for name in ARM_NAMES],
