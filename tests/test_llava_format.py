@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vlmalign.data.images import load_image
-from vlmalign.export import export_llava
+from vlmalign.export import export_llava, is_llava_folder, load_llava_export
 from vlmalign.llava_format import SIDECAR_WEIGHTS, NotExpressibleError, build_from_llava
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
@@ -131,6 +131,7 @@ def test_round_trip_gives_identical_weights_and_logits(trained, exported, shapes
     original.llm = original.llm.merge_and_unload()  # what the export folds in
     cfg = load_config(exported / "vlmalign_config.yaml", [f"from_llava={exported}", "lora.enabled=false"])
     back = build_from_llava(cfg, VLM).eval()
+    assert load_llava_export(exported).state_dict().keys() == back.state_dict().keys()  # the one-call form
     want, got = original.state_dict(), back.state_dict()
     assert sorted(want) == sorted(got)
     differing = [k for k in want if not torch.equal(want[k], got[k])]
@@ -149,6 +150,21 @@ def test_round_trip_gives_identical_weights_and_logits(trained, exported, shapes
 
     side = load_file(str(exported / SIDECAR_WEIGHTS))
     assert any(k.startswith("objective.") for k in side)
+
+
+def test_serve_and_search_a_llava_folder(exported, trained, shapes_root):
+    """A LLaVA folder serves as a checkpoint does: chat and image-text search."""
+    from vlmalign.serve import ServeModel
+
+    assert is_llava_folder(exported) and not is_llava_folder(trained)
+    model = load_llava_export(exported)
+    server = ServeModel(model, str(exported))
+    image = next((shapes_root / "images").glob("*.png"))
+    answer, _ = server.chat(str(image), QUESTION, None)
+    assert isinstance(answer, str) and answer
+    emb = model.embed_images([_image(shapes_root)])
+    reference = _seeded_load(trained).embed_images([_image(shapes_root)])  # LoRA unmerged: rounding apart
+    torch.testing.assert_close(emb, reference, atol=1e-5, rtol=0)
 
 
 def test_export_refuses_what_llava_cannot_express(tiny_cfg, tmp_path):

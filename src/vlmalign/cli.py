@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=_cmd_export)
 
     sv = sub.add_parser("serve", help="a local web page (Gradio): chat about an image, caption it, search an index")
-    sv.add_argument("checkpoint", help="checkpoint, run folder or export folder")
+    sv.add_argument("checkpoint", help="checkpoint, run folder, export folder or transformers LLaVA folder")
     sv.add_argument("--index", default=None, help="an image index written by `vlmalign embed --images` (the Search tab)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=7860)

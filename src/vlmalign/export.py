@@ -229,3 +229,34 @@ def load_export(out_dir: str | Path, overrides: list[str] | None = None) -> VLM:
         )
     model.requires_grad_(False)
     return model.eval()
+
+
+def is_llava_folder(path: str | Path) -> bool:
+    """Whether `path` holds a transformers LLaVA model (config.json with model_type llava)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "llava"
+    except (OSError, ValueError):
+        return False
+
+
+def load_llava_export(directory: str | Path, overrides: list[str] | None = None) -> VLM:
+    """The VLM of a LLaVA folder (`from_llava=directory`), eval mode, no gradients.
+
+    A folder written by `export_llava` brings its resolved config (`vlmalign_config.yaml`:
+    prompts, soft prompts, centring) with LoRA off, as the export merged it; any other
+    LLaVA folder gets the default config with centring off (it has no mean state)."""
+    from vlmalign.config import load_config
+    from vlmalign.llava_format import SIDECAR_CONFIG
+
+    directory = Path(directory)
+    side = directory / SIDECAR_CONFIG
+    base = [f"from_llava={directory}", "lora.enabled=false"]
+    if not side.is_file():
+        base.append("embedding.centre=false")
+    cfg = load_config(side if side.is_file() else None, base + list(overrides or []))
+    model = VLM.build(cfg)
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,4 +1,5 @@
-"""`vlmalign serve CKPT [--index photos.safetensors]`: a local Gradio page for a trained model.
+"""`vlmalign serve CKPT [--index photos.safetensors]`: a local Gradio page for a trained model
+(a checkpoint, a run folder, a vlmalign export or a transformers LLaVA folder).
 
 - **Chat**: upload an image and ask questions (a multi-turn `ChatSession`, rendered with
   the tokenizer's chat template as the instruct recipe trains), or caption it.
@@ -172,11 +173,13 @@ def serve(
     gr = _require_gradio()
     import torch
 
+    from vlmalign.export import is_llava_folder, load_llava_export
     from vlmalign.inference import load_checkpoint
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_checkpoint(checkpoint).to(device)
+    load = load_llava_export if is_llava_folder(checkpoint) else load_checkpoint
+    model = load(checkpoint).to(device)
     server = ServeModel(model, str(checkpoint), index, max_new_tokens)
     page = build_page(server)
     # The index's images live wherever they were embedded: let the page show those folders.
