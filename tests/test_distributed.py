@@ -1,4 +1,6 @@
-"""Two CPU ranks (gloo) give the loss and gradients of one process on the same global batch.
+"""Two CPU ranks (gloo) give the loss and gradients of one process on the same global batch,
+for every contrastive term (patch-token, its sigmoid form, CLIP, SigLIP) and with
+gradient accumulation (GradCache) on each rank.
 
 The global batch has 8 shapes samples: rank 0 holds 4 short captions, rank 1 4 long ones,
 so the ranks score different numbers of label tokens (the case where a per-rank mean of the
@@ -9,6 +11,7 @@ reference runs `Objective(gather=False)` on the whole batch in this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -31,20 +34,26 @@ from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective, rank_token_weight
 from vlmalign.paths import recipe_config
 from vlmalign.train.recipes import RECIPES, apply_recipe
+from vlmalign.train.step import TrainStep, accumulate_gradients
 
 from .conftest import TINY
 
 WORLD = 2
 PER_RANK = 4
 TOL = 1e-5
-RECIPES_UNDER_TEST = ("align-cg", "align-clip")
+RECIPES_UNDER_TEST = ("align-cg", "align-clip", "align-siglip", "align-cg-sigmoid")
+# Variants of the shipped recipes, as config overrides (the SigLIP gather is its own code path).
+VARIANTS = {"align-siglip": ("align-clip", ["objective.contrastive=siglip"]),
+            "align-cg-sigmoid": ("align-cg", ["objective.patch_sigmoid_weight=0.5"])}
+ACCUMULATED = ("align-cg", "align-clip")
 # (rank 0 count, rank 1 count) -> weights that rank_token_weight must return on each rank.
 WEIGHT_CASES = {(0, 6): (0.0, 2.0), (3, 1): (1.5, 0.5), (0, 0): (0.0, 0.0)}
 
 
 # ----------------------------------------------------------------------- shared set-up
 def _config(recipe: str, root: str | Path):
-    return load_config(recipe_config(recipe), [*TINY, f"data.root={root}"])
+    base, extra = VARIANTS.get(recipe, (recipe, []))
+    return load_config(recipe_config(base), [*TINY, f"data.root={root}", *extra])
 
 
 def _tiny_model(root: str | Path) -> VLM:
@@ -58,7 +67,7 @@ def _setup(model: VLM, recipe: str, root: str, mean_states: torch.Tensor, gather
     {name: trainable parameter})."""
     cfg = _config(recipe, root)
     model.set_config(cfg)  # as the trainer does
-    apply_recipe(model, RECIPES.get(recipe))
+    apply_recipe(model, RECIPES.get(cfg.recipe))
     model.set_embedding_mean(mean_states)  # before any loss, identical on every rank
     model.train()
     model.llm.eval()  # no dropout in the backbones
@@ -90,9 +99,26 @@ def _make_batches(root: Path, model: VLM) -> dict:
     )
     items = [dataset[i] for i in range(len(dataset))]
     halves = [collate(items[r * PER_RANK : (r + 1) * PER_RANK]) for r in range(WORLD)]
+    half = PER_RANK // 2  # two micro-batches per rank for the accumulation test
+    quarters = [collate(items[q * half : (q + 1) * half]) for q in range(2 * WORLD)]
     return {
         "root": str(root), "mean_states": text_states, "global": collate(items), "halves": halves,
+        "quarters": quarters,
     }
+
+
+class _NoWrap:
+    """What accumulate_gradients uses of an Accelerator, for an unwrapped model whose
+    gradients the test averages over ranks itself (as DDP would on the last replay)."""
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, module):
+        return contextlib.nullcontext()
+
+    def unwrap_model(self, module):
+        return module
 
 
 def _loss_and_grads(model, objective, params, batch) -> dict:
@@ -149,6 +175,14 @@ def _rank_main(rank: int, world: int, port: int, payload_path: str, out_dir: str
                 naive = _loss_and_grads(model, objective, params, batch)
             naive["grads"] = _ddp_average(naive["grads"])
             out[recipe] = {"exact": exact, "naive": naive}
+        out["accumulated"] = {}
+        for recipe in ACCUMULATED:  # K = 2 micro-batches per rank, GradCache across ranks
+            objective, params = _setup(model, recipe, payload["root"], payload["mean_states"], True)
+            for p in params.values():
+                p.grad = None
+            micro = payload["quarters"][2 * rank : 2 * rank + 2]
+            accumulate_gradients(_NoWrap(), TrainStep(model, objective), objective, micro)
+            out["accumulated"][recipe] = _ddp_average({n: p.grad.detach().clone() for n, p in params.items()})
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -206,8 +240,9 @@ def test_ranks_hold_unequal_label_token_counts(two_ranks, one_process):
 @pytest.mark.parametrize("recipe", RECIPES_UNDER_TEST)
 def test_two_ranks_match_one_process(two_ranks, one_process, recipe):
     ref = one_process[recipe]
-    parts = [p for p in ("ntp_loss", "patch_loss", "clip_loss") if p in ref["parts"]]
-    assert len(parts) == 2, parts  # NTP + the recipe's contrastive part
+    parts = [p for p in ("ntp_loss", "patch_loss", "patch_sigmoid_loss", "clip_loss", "siglip_loss")
+             if p in ref["parts"]]
+    assert len(parts) == (3 if recipe == "align-cg-sigmoid" else 2), parts  # NTP + the contrastive parts
     for key in ("loss", *parts):  # "loss": the total, weights included
         got, want = float(_rank_mean(two_ranks, recipe, "exact", key)), float(ref["parts"][key])
         assert abs(got - want) < TOL, (key, got, want)
@@ -217,11 +252,25 @@ def test_two_ranks_match_one_process(two_ranks, one_process, recipe):
         for name, g in ref["grads"].items():
             assert g.abs().max() > 0, name  # a gradient that exists, so the check means something
             torch.testing.assert_close(grads[name], g, rtol=0, atol=TOL, msg=name)
-    if recipe == "align-clip":
+    if recipe in ("align-clip", "align-siglip"):
         assert "objective.log_logit_scale" in ref["grads"]
+    if recipe == "align-siglip":
+        assert "objective.logit_bias" in ref["grads"]
 
 
-@pytest.mark.parametrize("recipe", RECIPES_UNDER_TEST)
+@pytest.mark.parametrize("recipe", ACCUMULATED)
+def test_two_ranks_accumulating_two_micro_batches_match_one_process(two_ranks, one_process, recipe):
+    """2 ranks x 2 micro-batches of 2 (GradCache across ranks, token-weighted next-token
+    loss) give the gradients of one process on the 8-sample batch."""
+    ref = one_process[recipe]["grads"]
+    for rank in two_ranks:
+        grads = rank["accumulated"][recipe]
+        assert grads.keys() == ref.keys()
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ACCUMULATED)
 def test_per_rank_token_mean_would_differ(two_ranks, one_process, recipe):
     """Without the global token weighting, the 2-rank loss and gradients are off by far more
     than the tolerance above: the parity test can fail."""

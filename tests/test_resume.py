@@ -55,8 +55,23 @@ CASES = {
 }
 
 
+def _count_steps(monkeypatch) -> list[int]:
+    """A list that gets one entry per optimizer step the trainer takes from now on."""
+    from vlmalign.train import trainer
+
+    taken: list[int] = []
+    real = trainer.optimizer_step
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", counted)
+    return taken
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tiny_cfg, tmp_path, case):
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tiny_cfg, tmp_path, case, monkeypatch):
     group, accum, batch, k = CASES[case]
     cfg = tiny_cfg(
         "align-clip",
@@ -71,7 +86,11 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tiny_cfg, tmp_path, c
     assert (saved["step"], saved["epoch"], saved["batches_done"]) == (k, 0, k * accum)
 
     # A model built from scratch and a new out_dir: only the checkpoint carries state.
+    steps = _count_steps(monkeypatch)
     resumed = train(replace(cfg, [f"train.out_dir={tmp_path / 'resumed'}", f"train.resume={stopped}"]))
+    # Only the steps after the checkpoint ran (a run that ignored train.resume and trained
+    # all 6 from the same seed would reach the same weights).
+    assert steps == [1] * (6 - k)
     want = _trained(full)
     _assert_same_weights(_trained(resumed), want)
     at_k = load_file(str(stopped / "model.safetensors"))
@@ -84,7 +103,7 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tiny_cfg, tmp_path, c
     assert [e["step"] for e in resumed.history] == [1, 2, 3, 4, 5, 6]
 
 
-def test_resume_latest_after_a_crash_continues_in_place(tiny_cfg, tmp_path):
+def test_resume_latest_after_a_crash_continues_in_place(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg("align", "train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.warmup_steps=1")
     full = train(cfg)
     out = tmp_path / "align"
@@ -93,7 +112,9 @@ def test_resume_latest_after_a_crash_continues_in_place(tiny_cfg, tmp_path):
     shutil.rmtree(out / "checkpoint-4")
     (out / "checkpoint-3.tmp").mkdir()
     (out / "checkpoint-3.tmp" / "model.safetensors").write_text("partial")
+    steps = _count_steps(monkeypatch)
     resumed = train(replace(cfg, ["train.resume=latest"]))
+    assert steps == [1, 1]  # steps 3 and 4 only: the run continued from checkpoint-2
     _assert_same_weights(_trained(resumed), _trained(full))
     assert _losses(resumed.history) == _losses(full.history)
     assert find_latest(out) == out / "checkpoint-4"

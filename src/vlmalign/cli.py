@@ -51,10 +51,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(recipe_config(args.config), overrides)
     if not cfg.data.shards:
         _check_training_data(cfg)  # a misspelt path fails here, before anything is written
-    from vlmalign.train.rundir import RunLock, provenance, write_provenance
+    from vlmalign.train.rundir import RunLock, is_main_process, provenance, write_provenance
 
     with RunLock(cfg.train.out_dir):
-        if PartialState().is_main_process:
+        # The launcher's RANK, not PartialState(): a process state made before the trainer's
+        # Accelerator(cpu=...) would fix the wrong device and world for it.
+        if is_main_process():
             write_provenance(cfg.train.out_dir, provenance(cfg))
         result = train(cfg)
         console.print(f"checkpoint: {result.checkpoint}")
@@ -167,7 +169,7 @@ def _check_captions(cfg, tokenizer) -> int:
 
     for sample in iter_all_train_samples(cfg.data, report):
         batch.append(sample.caption)
-        if len(batch) == 1024:
+        if len(batch) == 256:  # tokenizer memory stays a few MB
             count(batch)
             batch = []
     if batch:

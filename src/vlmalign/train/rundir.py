@@ -53,7 +53,8 @@ class RunLockedError(RuntimeError):
 _HELD: dict[str, list] = {}
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (or a single process), from the launcher's RANK."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -68,7 +69,7 @@ class RunLock:
         self.active = False
 
     def acquire(self) -> RunLock:
-        if not _is_main_process():
+        if not is_main_process():
             return self
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._key = str(self.path.resolve())
