@@ -337,3 +337,16 @@ def test_gemma3_llm_exports_with_equal_logits(tiny_cfg, tmp_path, shapes_root):
     vocab = original.llm.get_input_embeddings().num_embeddings
     want = _vlmalign_logits(original, inputs["input_ids"], inputs["pixel_values"])
     assert (llava(**inputs).logits[..., :vocab] - want).abs().max() < 1e-5
+
+
+def test_chat_caption_embed_and_search_take_a_llava_folder(exported, shapes_root):
+    """inference.load_checkpoint (behind chat, caption, embed, search) loads a LLaVA folder
+    as it loads a checkpoint, with the weights load_llava_export gives."""
+    from vlmalign.inference import load_checkpoint, resolve_checkpoint
+
+    assert resolve_checkpoint(exported) == exported
+    model = load_checkpoint(exported)
+    direct = load_llava_export(exported)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    images = [_image(shapes_root)]
+    assert torch.equal(model.embed_images(images), direct.embed_images(images))

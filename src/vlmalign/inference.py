@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from vlmalign.data.images import BadImageError, load_image
 from vlmalign.data.sample import LoadReport
+from vlmalign.export import is_llava_folder, load_export, load_llava_export
 from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.vlm import VLM
 from vlmalign.search_index import SearchIndex, build_index
@@ -32,7 +33,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """A checkpoint folder, or a run folder's newest verified checkpoint
     (train/checkpoint.py `resolve_checkpoint`); an exported folder as it is."""
     path = Path(checkpoint)
-    if (path / "export.json").exists() or (path / "vlm" / "export.json").exists():
+    if (path / "export.json").exists() or (path / "vlm" / "export.json").exists() or is_llava_folder(path):
         return path
     return ckpt.resolve_checkpoint(path)
 
@@ -41,9 +42,9 @@ def load_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) 
     """A checkpoint folder (or a run folder: its `latest` checkpoint) ready for inference:
     eval mode, no gradients."""
     path = resolve_checkpoint(checkpoint)
-    if (path / "export.json").exists() or (path / "vlm" / "export.json").exists():
-        from vlmalign.export import load_export
-
+    if is_llava_folder(path):  # a transformers LLaVA folder (vlmalign export --format llava, or published)
+        model = load_llava_export(path, overrides)
+    elif (path / "export.json").exists() or (path / "vlm" / "export.json").exists():
         model = load_export(path, overrides)
     else:
         model = VLM.from_pretrained(path, overrides)

@@ -75,6 +75,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # (max_steps is not among them: the cosine schedule depends on it.)
 _RESUME_FREE_KEYS = {
     "train.resume", "train.out_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_at_end",
+    "train.report_to",
 }
 
 
