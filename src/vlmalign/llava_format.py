@@ -50,9 +50,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmalign.config import Config
-from vlmalign.models.language import IMAGE_TOKEN
+from vlmalign.models.language import IMAGE_TOKEN, prepare_llm
 from vlmalign.models.lora import add_lora, is_lora, merge_lora
-from vlmalign.models.memory import lean_gated_mlps
 from vlmalign.models.projector import MLPProjector
 from vlmalign.models.vision import _HF_VISION_KINDS, HFVisionTower
 
@@ -367,16 +366,9 @@ def load_llava_parts(cfg: Config) -> tuple[HFVisionTower, MLPProjector, nn.Modul
     if llm.config.tie_word_embeddings:
         llm.tie_weights()
     _drop_image_row(llm, image_id, tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
     if not getattr(tokenizer, "chat_template", None):
         log.warning("from_llava=%s: the tokenizer has no chat template; prompts are used without one", directory)
-    if cfg.llm.frozen:
-        llm.requires_grad_(False)
-    if cfg.llm.lean_mlp:
-        lean_gated_mlps(llm)
-    llm.eval()
+    prepare_llm(llm, tokenizer, cfg.llm)
     if cfg.lora.enabled:
         llm = add_lora(llm, cfg.lora)
     log.info("loaded %s from %s (transformers %s)", type(llava).__name__, directory, transformers.__version__)

@@ -335,6 +335,14 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
         model, tok = _from_path_or_hub(cfg)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    prepare_llm(model, tok, cfg)
+    return model, tok
+
+
+def prepare_llm(model: PreTrainedModel, tok: PreTrainedTokenizerFast, cfg: LLMConfig) -> None:
+    """What every loaded LLM gets, wherever it came from (a registry entry, a folder, a
+    LLaVA folder): a pad token (the end token when it has none), right padding, frozen
+    weights when `llm.frozen`, lean gated MLPs when `llm.lean_mlp`, eval mode."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -344,4 +352,3 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if cfg.lean_mlp:
         lean_gated_mlps(model)
     model.eval()
-    return model, tok
