@@ -31,6 +31,7 @@ with the export if the tower is not packaged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -96,6 +97,23 @@ def save_plain_tokenizer(tokenizer, directory: Path, vocab_size: int) -> None:
         raise RuntimeError(f"the exported tokenizer in {directory} is not faithful: {'; '.join(problems)}")
 
 
+@contextlib.contextmanager
+def _published(out: Path):
+    """A fresh folder beside `out` to write an export into, renamed to `out` when the block
+    ends without error (same disk: the rename is atomic) and removed otherwise, so `out`
+    is never half written. `out` may exist only as an empty folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lora: bool = True) -> Path:
     """Write a checkpoint as `out_dir/llm` (plain transformers causal LM + tokenizer) and
     `out_dir/vlm` (projector, config and everything vlmalign needs on top of `llm/`).
@@ -121,9 +139,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
     state = model.trainable_state_dict()
     keep = {k: v for k, v in state.items() if not k.startswith("llm.") or (lora and not merged and "lora_" in k)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))  # same disk: rename is atomic
-    try:
+    with _published(out) as tmp:
         llm = model.llm
         if lora and not merged:
             llm.save_pretrained(tmp / LORA_DIR)  # peft: adapter_config.json + adapter weights
@@ -158,12 +174,6 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merge_lor
         flag = "" if merge_lora else " --no-merge-lora"
         write_model_card(tmp, cfg, checkpoint, export_format="vlmalign",
                          export_command=f"vlmalign export {checkpoint}{flag} --out {out}")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (LoRA %s)", checkpoint, out, meta["lora"])
     return out
 
@@ -193,18 +203,10 @@ def export_llava(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     check_exportable(model)  # before anything is written
     cfg = model.cfg
     objective = load_file(str(checkpoint / OBJECTIVE_NAME)) if (checkpoint / OBJECTIVE_NAME).is_file() else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
-    try:
+    with _published(out) as tmp:
         write_llava(model, tmp, objective)
         write_model_card(tmp, cfg, checkpoint, export_format="llava", tags=("llava",),
                          export_command=f"vlmalign export {checkpoint} --format llava --out {out}")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (LLaVA format)", checkpoint, out)
     return out
 
