@@ -11,10 +11,11 @@ bounded memory, and embedding throughput of the packaged models.
 2. Embedding throughput of the real packaged models, `VLM.build(load_config(recipe_config(
    "align-clip")))` (SmolLM2-135M + EfficientNet-Lite0, prompted last-token embeddings):
    images/s from 640 x 480 PIL images (preprocess, tower, projector, LLM pass) and captions/s
-   (COCO-length captions), `--batches` batches after one warm-up batch; FLOPs per image and
-   per caption counted with torch's FlopCounterMode.
-3. A COCO-5k evaluation's time here (5,000 images + 25,000 captions + ranking) and on one
-   H100 from the FLOPs at a stated MFU.
+   (COCO-length captions), `--batches` batches after one warm-up batch, wall and CPU time;
+   FLOPs per image and per caption counted with torch's FlopCounterMode.
+3. A COCO-5k evaluation's time here as measured (5,000 images + 25,000 captions + ranking),
+   on this machine idle from the FLOPs at `--idle-gflops`, and on one H100 from the FLOPs
+   at a stated MFU.
 
 Writes a JSON with `os.getloadavg()` before and after: the machine may be shared.
 """
@@ -69,9 +70,10 @@ def time_ranking(n_img: int, per_image: int, dim: int) -> dict:
     img, txt, t2i = synthetic_coco(n_img, per_image, dim)
     out: dict = {"images": n_img, "captions": len(t2i), "dim": dim}
     rss0 = peak_rss_mb()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     metrics = retrieval_metrics((img, txt), t2i)
     out["from_embeddings_s"] = round(time.perf_counter() - t, 2)
+    out["from_embeddings_cpu_s"] = round(time.process_time() - c, 2)
     out["from_embeddings_peak_rss_growth_mb"] = round(peak_rss_mb() - rss0, 1)
     out["recalls"] = {k: round(v, 2) for k, v in metrics.items()}
     rss1 = peak_rss_mb()
@@ -104,9 +106,11 @@ def time_embedding(batches: int, image_batch: int, text_batch: int) -> dict:
                  "image_batch": image_batch, "text_batch": text_batch, "batches": batches}
     with torch.no_grad():
         model.embed_images(images[:image_batch], batch_size=image_batch)  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.embed_images(images[image_batch:], batch_size=image_batch)
-        out["images_per_s"] = round(image_batch * batches / (time.perf_counter() - t), 1)
+        out["images_per_s"] = round(image_batch * batches / (time.perf_counter() - t), 2)
+        # CPU seconds (all threads) per image: what it costs the cores, whatever else runs
+        out["cpu_s_per_image"] = round((time.process_time() - c) / (image_batch * batches), 3)
         # where an image's time goes, on one batch
         chunk = images[image_batch : 2 * image_batch]
         t = time.perf_counter()
@@ -122,9 +126,10 @@ def time_embedding(batches: int, image_batch: int, text_batch: int) -> dict:
                                  "tower": round(1000 * t_tower / image_batch, 2),
                                  "projector_and_llm": round(1000 * t_llm / image_batch, 2)}
         model.embed_texts(captions[:text_batch], batch_size=text_batch)  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.embed_texts(captions[text_batch:], batch_size=text_batch)
-        out["captions_per_s"] = round(text_batch * batches / (time.perf_counter() - t), 1)
+        out["captions_per_s"] = round(text_batch * batches / (time.perf_counter() - t), 2)
+        out["cpu_s_per_caption"] = round((time.process_time() - c) / (text_batch * batches), 3)
         out["gflop_per_image"] = round(count_flops(lambda: model.embed_images(chunk, batch_size=image_batch)) / image_batch / 1e9, 3)
         out["gflop_per_caption"] = round(
             count_flops(lambda: model.embed_texts(captions[:text_batch], batch_size=text_batch)) / text_batch / 1e9, 3)
@@ -136,10 +141,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--per-image", type=int, default=5)
     ap.add_argument("--dim", type=int, default=576)
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--image-batch", type=int, default=32)
-    ap.add_argument("--text-batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--image-batch", type=int, default=16)
+    ap.add_argument("--text-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--idle-gflops", type=float, default=125.0,
+                    help="model FLOP rate of this machine idle (70%% of its 180 GFLOPS 2-thread fp32 matmul "
+                         "peak, FINDINGS.md) for the idle estimate")
     ap.add_argument("--gpu-mfu", type=float, default=0.2,
                     help="MFU assumed for the H100 estimate (inference of a 135M model in batches of a few hundred)")
     ap.add_argument("--json", default="")
@@ -156,19 +164,27 @@ def main() -> None:
     here = {"images_s": round(n_img / emb["images_per_s"], 1), "captions_s": round(n_txt / emb["captions_per_s"], 1),
             "ranking_s": ranking["from_embeddings_s"]}
     here["total_s"] = round(sum(here.values()), 1)
+    # the same on this machine idle, from the FLOPs at the rate its matmuls reach then (CPU
+    # time is no guide on a shared machine: waiting threads spin and count as busy)
+    idle_rate = args.idle_gflops * 1e9
+    idle = {"gflops": args.idle_gflops,
+            "images_s": round(n_img * emb["gflop_per_image"] * 1e9 / idle_rate, 1),
+            "captions_s": round(n_txt * emb["gflop_per_caption"] * 1e9 / idle_rate, 1),
+            "ranking_s": round(2 * n_img * n_txt * args.dim / idle_rate, 1)}
+    idle["total_s"] = round(idle["images_s"] + idle["captions_s"] + idle["ranking_s"], 1)
     gpu_rate = args.gpu_mfu * H100_BF16_DENSE_TFLOPS * 1e12
     gpu = {"mfu": args.gpu_mfu, "peak_bf16_dense_tflops": H100_BF16_DENSE_TFLOPS,
            "images_s": round(n_img * emb["gflop_per_image"] * 1e9 / gpu_rate, 2),
            "captions_s": round(n_txt * emb["gflop_per_caption"] * 1e9 / gpu_rate, 2),
            "ranking_gflop": round(2 * n_img * n_txt * args.dim / 1e9, 1)}
-    print(f"COCO-5k here ({args.threads} threads): {here}")
+    print(f"COCO-5k here ({args.threads} threads): {here}; idle, from FLOPs at {args.idle_gflops} GFLOPS: {idle}")
     print(f"COCO-5k on one H100 at MFU {args.gpu_mfu:.0%} (model FLOPs only; decoding JPEGs not counted): {gpu}")
     record = {
         "what": "COCO-5k-size retrieval: bounded-memory ranking and embedding throughput (benchmarks/retrieval_scale.py)",
         "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "load_avg_before": list(load_before),
         "ranking": ranking, "embedding": emb,
-        "coco5k_estimate_here": here, "coco5k_estimate_h100": gpu,
+        "coco5k_estimate_here": here, "coco5k_estimate_idle": idle, "coco5k_estimate_h100": gpu,
         "load_avg_after": list(os.getloadavg()),
     }
     if args.json:

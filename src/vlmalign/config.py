@@ -193,8 +193,8 @@ class DataConfig:
     # Image paths in data files must stay inside the data root unless this is on.
     allow_outside_root: bool = False
     # DataLoader workers decoding images (data/loading.py): -1 automatic, 0 on a CPU-only
-    # machine and 12 per GPU on CUDA (capped by the cores): one H100 with a ViT-L/14-336
-    # tower takes ~1,000 images/s, one worker decodes ~70 (docs/scale.md, "Feeding a GPU").
+    # machine and 8 per GPU on CUDA (capped by the cores): one H100 with a ViT-L/14-336
+    # tower takes ~1,000 images/s, one worker decodes ~155 (docs/scale.md, "Feeding a GPU").
     num_workers: int = -1
     # Page-locked batches for asynchronous copies to the GPU (CUDA only).
     pin_memory: bool = True

@@ -14,13 +14,12 @@ machine at hand:
 
 Where `CUDA_WORKERS` comes from: one H100 running `align` with a frozen CLIP ViT-L/14-336
 tower and the default pooled projector is bound by the tower's forward (382 GFLOP per
-image): ~1,040 images/s at 40 % MFU of 989 bf16 TFLOPS. One worker decodes a COCO-size
-JPEG (640 x 480), resizes it to 336 px and normalises it at ~70 images/s on this machine's
-cores (benchmarks/data_pipeline.py). Feeding the tower from JPEGs therefore takes ~15
-workers; `CUDA_WORKERS` = 12 is what a typical 8-GPU node can give each GPU (96-128 cores)
-and is the default, leaving the tower partly idle when images come straight from JPEG:
-cache the tower features (the default for map-style data) or store pre-resized shards
-(docs/scale.md, "Feeding a GPU").
+image; SmolLM2-135M adds 15 GFLOP per sample): ~1,000 images/s at 40 % MFU of 989 bf16
+TFLOPS. One worker decodes a COCO-size JPEG (640 x 480), resizes it to 336 px and
+normalises it in 6.5 ms of CPU time, ~155 images/s on a core of its own
+(benchmarks/data_pipeline.py). 7 workers feed that rate; 8 leave ~25 % headroom and fit
+the 12-16 cores per GPU of a typical 8-GPU node. Map-style data for a frozen tower is
+served from the feature cache and decodes nothing per step (docs/scale.md, "Feeding a GPU").
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import torch
 from vlmalign.config import DataConfig
 
 # Workers per GPU process on CUDA when data.num_workers is -1 (see the module docstring).
-CUDA_WORKERS = 12
+CUDA_WORKERS = 8
 
 
 def local_processes() -> int:
