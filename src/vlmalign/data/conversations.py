@@ -40,6 +40,7 @@ renamed `id#2`, ...: LLaVA's files reuse an image's id for several conversations
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,8 @@ from vlmalign.data.collate import IGNORE_INDEX
 from vlmalign.data.formats import (
     DuplicateTracker,
     check_image,
+    iter_records,
     json_type,
-    read_records,
     require_strings,
     resolve_image_path,
 )
@@ -96,11 +97,27 @@ class ConversationLoadReport(LoadReport):
 # ---------------------------------------------------------------- loading
 
 
-def _read_records(path: Path, report: LoadReport) -> list[tuple[str, Any]]:
-    return read_records(path, report, 'a LLaVA conversation file is a list [{"id", "image", "conversations": [...]}, ...]')
+def _iter_records(path: Path, report: LoadReport) -> Iterator[tuple[str, Any]]:
+    return iter_records(path, report, 'a LLaVA conversation file is a list [{"id", "image", "conversations": [...]}, ...]')
 
 
-def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, str]] | None:
+_SHARED_MAX = 4096  # distinct short texts shared per load
+
+
+def _shared(text: str, shared: dict[str, str]) -> str:
+    """One object for a short text that recurs within a file (LLaVA's pretraining prompts:
+    a dozen instructions over 558K records), so its copies are not held apart."""
+    if len(text) > 200:
+        return text
+    found = shared.get(text)
+    if found is not None:
+        return found
+    if len(shared) < _SHARED_MAX:
+        shared[text] = text
+    return text
+
+
+def _parse_turns(raw: Any, where: str, report: LoadReport, shared: dict[str, str]) -> list[tuple[str, str]] | None:
     if not isinstance(raw, list):
         report.skip("wrong_type", where, f"'conversations' must be a list, got {json_type(raw)}")
         return None
@@ -115,7 +132,7 @@ def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, st
         if role is None:
             report.skip("unknown_role", where, f"turn {k} is from {turn['from']!r}; known: human, gpt")
             return None
-        text = turn["value"].strip()
+        text = _shared(turn["value"].strip(), shared)
         if not text:
             report.skip("empty_value", where, f"turn {k} ({turn['from']}) is empty")
             return None
@@ -136,6 +153,7 @@ def _parse_turns(raw: Any, where: str, report: LoadReport) -> list[tuple[str, st
 def _parse_conversation(
     rec: Any, where: str, default_id: str, root: Path, report: LoadReport,
     check_images: bool, allow_text_only: bool, allow_outside_root: bool, dups: DuplicateTracker,
+    shared: dict[str, str] | None = None,
 ) -> Conversation | None:
     if not isinstance(rec, dict):
         report.skip("not_an_object", where, f"expected a JSON object, got {json_type(rec)}")
@@ -151,7 +169,7 @@ def _parse_conversation(
     if image_field is not None and (not isinstance(image_field, str) or not image_field.strip()):
         report.skip("wrong_type", where, f"'image' must be a non-empty string (one image per record), got {image_field!r}")
         return None
-    turns = _parse_turns(rec["conversations"], where, report)
+    turns = _parse_turns(rec["conversations"], where, report, shared if shared is not None else {})
     if turns is None:
         return None
     markers = [text.count(IMAGE_TOKEN) for _, text in turns]
@@ -202,32 +220,49 @@ def load_conversations(
     `report`, repairs counted too (see the module docstring); a record without `id` gets
     `"{file stem}-{index}"`, a repeated id becomes `"{id}#2"`. Raises
     FileNotFoundError if `path` is missing and ValueError if a `.json` file is not a
-    valid UTF-8 JSON list (naming the position).
+    valid UTF-8 JSON list (naming the position) or holds no conversation records. The
+    file is parsed one record at a time (`iter_conversations`).
     """
+    return list(iter_conversations(path, image_root, report, check_images, allow_text_only, allow_outside_root))
+
+
+def iter_conversations(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    report: LoadReport | None = None,
+    check_images: bool = False,
+    allow_text_only: bool = True,
+    allow_outside_root: bool = False,
+) -> Iterator[Conversation]:
+    """`load_conversations`, one conversation at a time: memory holds one record of the
+    file (and a 16-byte digest per record for the duplicate check), so a file of any size
+    can be checked (`vlmalign data check`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation file {path} does not exist; check the path")
     report = report if report is not None else ConversationLoadReport()
     root = Path(image_root) if image_root is not None else path.parent
-    out: list[Conversation] = []
     dups = DuplicateTracker(report)
-    records = _read_records(path, report)
-    for i, (where, rec) in enumerate(records):
+    n_records, any_conversations, first, shared = 0, False, None, {}
+    for i, (where, rec) in enumerate(_iter_records(path, report)):
+        n_records += 1
+        if first is None:
+            first = rec
+        any_conversations = any_conversations or (isinstance(rec, dict) and "conversations" in rec)
         conv = _parse_conversation(
-            rec, where, f"{path.stem}-{i}", root, report, check_images, allow_text_only, allow_outside_root, dups
+            rec, where, f"{path.stem}-{i}", root, report, check_images, allow_text_only, allow_outside_root, dups,
+            shared,
         )
         if conv is not None:
-            out.append(conv)
             report.loaded += 1
-    if records and not any(isinstance(rec, dict) and "conversations" in rec for _, rec in records):
-        first = records[0][1]
+            yield conv
+    if n_records and not any_conversations:
         keys = f"keys {sorted(first)[:8]}" if isinstance(first, dict) else f"a JSON {json_type(first)}"
         raise ValueError(
-            f"{path} is not a LLaVA conversation file: none of its {len(records)} records has a 'conversations' "
+            f"{path} is not a LLaVA conversation file: none of its {n_records} records has a 'conversations' "
             f"key (the first has {keys}). A captions file ({{\"image\", \"caption\"}} per line) trains the "
             "align recipes; the instruct recipe needs [{\"id\", \"image\", \"conversations\": [...]}, ...]"
         )
-    return out
 
 
 # ---------------------------------------------------------------- label masks

@@ -31,8 +31,10 @@ renamed `id#2`, `id#3`, ... so ids stay unique downstream; they are counted in
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,18 +110,129 @@ def read_records(path: Path, report: LoadReport, expected: str) -> list[tuple[st
     """[(where, record)] from a `.json` list (malformed or not UTF-8: ValueError naming the
     position) or a `.jsonl` file (bad lines skipped and counted). `expected` describes the
     list the file should hold, for the error when it holds something else."""
+    return list(iter_records(path, report, expected))
+
+
+def iter_records(path: Path, report: LoadReport, expected: str) -> Iterator[tuple[str, Any]]:
+    """`read_records`, one record at a time: a `.json` list is parsed element by element
+    (`iter_json_array`), so memory holds one record, not the whole file's objects."""
     if path.suffix == ".jsonl":
-        out = []
         for lineno, line in read_text_lines(path, report):
             try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
+                rec = json.loads(line)
             except json.JSONDecodeError as err:
                 report.skip("malformed_json", f"{path}:{lineno}", f"{err.msg} (column {err.colno})")
-        return out
+                continue
+            yield f"{path}:{lineno}", rec
+        return
+    for i, rec in enumerate(iter_json_array(path, expected)):
+        yield f"{path}:[{i}]", rec
+
+
+_WS = " \t\n\r"
+_CHUNK = 1 << 20  # bytes read at a time by iter_json_array
+
+
+def iter_json_array(path: Path, expected: str = "", chunk_size: int = _CHUNK) -> Iterator[Any]:
+    """The elements of a whole-file JSON array, parsed one at a time from 1 MiB chunks:
+    memory holds the current chunk and one element, never the whole document (a LLaVA
+    file of 558K records is parsed in the space of one).
+
+    Errors are those of `read_json_file`: on invalid JSON or a byte that is not UTF-8 the
+    file is parsed whole once more to name the exact line and column; a document that is
+    not an array raises ValueError saying what it holds, then `expected`.
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        head = f.read(max(chunk_size, 4))  # at least a byte-order mark's length
+        _reject_other_bom(path, head[:4])
+        if head.startswith(_BOM):
+            head = head[len(_BOM):]
+        eof = False
+
+        def more(buf: str) -> str:
+            nonlocal eof
+            if eof:
+                return buf
+            raw = f.read(chunk_size)
+            eof = not raw
+            try:
+                return buf + utf8.decode(raw, final=eof)
+            except UnicodeDecodeError:
+                _raise_exact(path, expected)
+                raise
+
+        try:
+            buf = utf8.decode(head, final=False)
+        except UnicodeDecodeError:
+            _raise_exact(path, expected)
+            raise
+        eof = not head
+        i = 0
+        while True:  # the opening bracket
+            while i < len(buf) and buf[i] in _WS:
+                i += 1
+            if i < len(buf) or eof:
+                break
+            buf, i = more(buf[i:]), 0
+        if i >= len(buf) or buf[i] != "[":
+            _raise_exact(path, expected)  # not an array (or not JSON): the whole-file error
+            raise ValueError(f"{path} is not a JSON array; {expected}")
+        i += 1
+        first = True
+        while True:
+            while True:  # whitespace, then "]" or (after an element) ","
+                while i < len(buf) and buf[i] in _WS:
+                    i += 1
+                if i < len(buf) or eof:
+                    break
+                buf, i = more(buf[i:]), 0
+            if i >= len(buf):
+                _raise_exact(path, expected)
+                raise ValueError(f"{path} ends inside its JSON array")
+            if buf[i] == "]":
+                rest = buf[i + 1:]
+                while not eof:
+                    rest = more(rest).strip(_WS)
+                if rest.strip(_WS):
+                    _raise_exact(path, expected)
+                    raise ValueError(f"{path} has data after its JSON array")
+                return
+            if not first:
+                if buf[i] != ",":
+                    _raise_exact(path, expected)
+                    raise ValueError(f"{path}: expected ',' between array elements")
+                i += 1
+                while True:
+                    while i < len(buf) and buf[i] in _WS:
+                        i += 1
+                    if i < len(buf) or eof:
+                        break
+                    buf, i = more(buf[i:]), 0
+            while True:  # one element; read on while it may be cut off by the chunk's end
+                try:
+                    value, end = decoder.raw_decode(buf, i)
+                    # a number may continue past the chunk ("1." of "1.5"): only a delimiter ends it
+                    if eof or (end < len(buf) and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                                   or buf[end] in _WS + ",]")):
+                        break
+                except json.JSONDecodeError:
+                    if eof:
+                        _raise_exact(path, expected)
+                        raise
+                buf, i = more(buf[i:]), 0
+            first = False
+            yield value
+            i = end  # the buffer is compacted only when more is read
+
+
+def _raise_exact(path: Path, expected: str) -> None:
+    """Parse `path` whole with `read_json_file` to raise its exact error (position, encoding);
+    if it parses, raise ValueError when it is not a list."""
     data = read_json_file(path)
     if not isinstance(data, list):
         raise ValueError(f"{path} holds a JSON {json_type(data)}; {expected}")
-    return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
 
 
 def read_json_file(path: Path, keep_duplicate_keys: bool = False) -> Any:
@@ -190,38 +303,85 @@ def resolve_image_path(
     return [c.resolve() for c in candidates]
 
 
+# `{file}:{line}` or `{file}:[{index}]`: the number and what surrounds it.
+_WHERE_NUMBER = re.compile(r"^(?P<before>.*?[:\[])(?P<n>[1-9]\d{0,17}|0)(?P<after>\]?)$")
+
+
 class DuplicateTracker:
     """Ids and record contents seen so far in one load: skips exact duplicate records
     (`duplicate_record`) and renames repeated ids (`duplicate_id`, a repair)."""
 
     def __init__(self, report: LoadReport) -> None:
         self.report = report
-        self._ids: dict[str, str] = {}  # id -> where it was first seen
-        self._records: dict[str, str] = {}  # canonical JSON -> where it was first seen
+        # What is kept per record is small, so that a file of any size can be checked in a
+        # stream: places as a number where they are `{file}:{line}` / `{file}:[{index}]`,
+        # record contents as a 16-byte digest of their canonical JSON (not the text).
+        self._ids: dict[str, int | str] = {}  # id -> where it was first seen
+        self._records: dict[bytes, int | str] = {}  # digest -> where it was first seen
         self._next: dict[str, int] = {}
+        self._frame: tuple[str, str] | None = None  # (before, after) the number of a `where`
+        # ids made from a line number (`implicit_id`): one bit per line, not a dict entry
+        self._implicit_prefix = ""
+        self._implicit = bytearray()
+
+    def _pack(self, where: str) -> int | str:
+        m = _WHERE_NUMBER.match(where)
+        if m is None:
+            return where
+        if self._frame is None:
+            self._frame = (m["before"], m["after"])
+        return int(m["n"]) if (m["before"], m["after"]) == self._frame else where
+
+    def _unpack(self, packed: int | str) -> str:
+        return packed if isinstance(packed, str) else f"{self._frame[0]}{packed}{self._frame[1]}"
 
     def is_duplicate_record(self, rec: Any, where: str) -> bool:
         """True (and the skip counted) if `rec` equals an earlier record in every field."""
-        key = json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str)
+        text = json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str)
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         if key in self._records:
-            self.report.skip("duplicate_record", where, f"identical to the record at {self._records[key]}")
+            self.report.skip("duplicate_record", where,
+                             f"identical to the record at {self._unpack(self._records[key])}")
             return True
-        self._records[key] = where
+        self._records[key] = self._pack(where)
         return False
+
+    def implicit_id(self, prefix: str, lineno: int, where: str) -> str:
+        """The id `{prefix}{lineno}` of a record that has none (unique by construction, so
+        only a bit is kept), renamed like `unique_id` if an explicit id already took it."""
+        rec_id = f"{prefix}{lineno}"
+        if rec_id in self._ids or (self._implicit_prefix and prefix != self._implicit_prefix):
+            return self.unique_id(rec_id, where)
+        self._implicit_prefix = prefix
+        if lineno >= len(self._implicit):
+            self._implicit.extend(bytes(lineno + 1 - len(self._implicit) + len(self._implicit) // 2))
+        self._implicit[lineno] = 1
+        return rec_id
+
+    def _implicit_place(self, rec_id: str) -> int | None:
+        """The line whose implicit id `rec_id` is, or None."""
+        if not self._implicit_prefix or not rec_id.startswith(self._implicit_prefix):
+            return None
+        tail = rec_id[len(self._implicit_prefix):]
+        if not tail.isdigit() or int(tail) >= len(self._implicit) or not self._implicit[int(tail)]:
+            return None
+        return int(tail)
 
     def unique_id(self, rec_id: str, where: str) -> str:
         """`rec_id`, or `rec_id#k` (k = 2, 3, ...) with a `duplicate_id` repair counted
         when the id was used before."""
+        if rec_id not in self._ids and (line := self._implicit_place(rec_id)) is not None:
+            self._ids[rec_id] = self._pack(where.rpartition(":")[0] + f":{line}")  # taken by that line
         if rec_id not in self._ids:
-            self._ids[rec_id] = where
+            self._ids[rec_id] = self._pack(where)
             return rec_id
-        first = self._ids[rec_id]
+        first = self._unpack(self._ids[rec_id])
         k = self._next.get(rec_id, 2)
         while f"{rec_id}#{k}" in self._ids:
             k += 1
         self._next[rec_id] = k + 1
         new = f"{rec_id}#{k}"
-        self._ids[new] = where
+        self._ids[new] = self._pack(where)
         self.report.repair("duplicate_id", where, f"id {rec_id!r} already used at {first}; kept as {new!r}")
         return new
 
@@ -284,21 +444,32 @@ def load_captions_jsonl(
     `check_images=True` every image is decoded once. Raises FileNotFoundError if `path`
     does not exist, ValueError if it is UTF-16/32.
     """
+    return list(iter_captions_jsonl(path, image_root, caption_field, report, check_images, allow_outside_root))
+
+
+def iter_captions_jsonl(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    caption_field: str = "caption",
+    report: LoadReport | None = None,
+    check_images: bool = False,
+    allow_outside_root: bool = False,
+) -> Iterator[Sample]:
+    """`load_captions_jsonl`, one sample at a time (memory: one line, and a 16-byte
+    digest per record for the duplicate check), for checking files of any size."""
     path = Path(path)
     _require_file(path, "captions JSONL")
     report = report if report is not None else LoadReport()
     root = Path(image_root) if image_root is not None else path.parent
     dups = DuplicateTracker(report)
-    samples: list[Sample] = []
     for lineno, line in read_text_lines(path, report):
         where = f"{path}:{lineno}"
         sample = _parse_caption_record(line, where, root, caption_field, report, check_images,
                                        allow_outside_root, dups)
         if sample is not None:
-            sample.id = dups.unique_id(sample.id or f"{path.stem}:{lineno}", where)
-            samples.append(sample)
+            sample.id = dups.unique_id(sample.id, where) if sample.id else dups.implicit_id(f"{path.stem}:", lineno, where)
             report.loaded += 1
-    return samples
+            yield sample
 
 
 def _parse_caption_record(

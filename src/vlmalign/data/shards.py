@@ -716,7 +716,7 @@ class ShardStream(IterableDataset):
         `<image>` marker put in the first human turn when missing, as the loader does."""
         if "conversations" not in text:
             return self._skipped("missing_key", where, "no .json member with a 'conversations' list")
-        turns = _parse_turns(text["conversations"], where, self.report)
+        turns = _parse_turns(text["conversations"], where, self.report, {})
         if turns is None:
             log.warning("skipping sample %s: its conversation turns are malformed (counted in the report)", where)
             return None
