@@ -73,9 +73,10 @@ def _check_training_data(cfg) -> None:
     from pathlib import Path
 
     from vlmalign.data.splits import ensure_data, holds_out
+    from vlmalign.train.recipes import RECIPES
 
     ensure_data(cfg.data)
-    if holds_out(cfg.data) and cfg.train.eval_at_end:
+    if holds_out(cfg.data) and cfg.train.eval_at_end and "retrieval" in RECIPES.get(cfg.recipe).evals:
         d = cfg.data
         console.print(f"evaluation data: no data.eval_file, so {d.heldout_fraction:.0%} of the records of "
                       f"data.train_file={d.train_file} (at most {d.heldout_max}, seed {d.heldout_seed}) are held out "

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 from vlmalign.config import DataConfig
-from vlmalign.data.conversations import Conversation, load_conversations
-from vlmalign.data.formats import load_captions_jsonl, load_sugarcrepe
+from vlmalign.data.conversations import Conversation, iter_conversations
+from vlmalign.data.formats import iter_captions_jsonl, load_captions_jsonl, load_sugarcrepe
 from vlmalign.data.sample import CompositionalItem, DataPathError, LoadReport, Sample
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ def _in_layout(path: Path, root: Path) -> bool:
 
 
 def uses_shapes_layout(cfg: DataConfig) -> bool:
-    """Whether the run trains on a `shapes` dataset (then the layout's held-out files,
-    SugarCrepe items and benchmarks are its evaluation data): no `data.train_file`, or
-    training files that are layout files of a shapes folder. A user's own file never is,
-    so a run on it is never evaluated on shapes files that happen to lie beside it."""
-    if not cfg.train_file.strip():
-        return True
+    """Whether the run trains on a folder in the shapes layout (then the layout's held-out
+    files, SugarCrepe items and benchmarks are its evaluation data): no `data.train_file`
+    and a root that holds `train.jsonl` or a shapes dataset (or is to get one), or
+    training files that are layout files of a shapes dataset. A user's own file named in
+    `data.train_file` never is, so a run on it is never evaluated on shapes files that
+    happen to lie beside it."""
     root = Path(cfg.root)
+    if not cfg.train_file.strip():
+        # a shapes dataset, one to be generated there, or a folder made in its layout
+        return _folder_state(root) != "other" or (root / "train.jsonl").is_file()
     return is_shapes_folder(root) and all(_in_layout(p, root) for p in _train_paths(cfg))
 
 
@@ -107,15 +111,21 @@ def check_data_paths(cfg: DataConfig, keys: tuple[str, ...] = PATH_KEYS, layout_
             raise _missing(key, name if key == "train_file" else value, path, cfg)
 
 
-def ensure_data(cfg: DataConfig) -> Path:
+def ensure_data(cfg: DataConfig, training: bool = True) -> Path:
     """The data root, checked: every file the config names exists, or a `DataPathError`
     names the key, the value and the resolved path before anything is written.
 
     The `shapes` dataset is written only when the run asks for the shapes layout (no
     `data.train_file`, or only layout file names) and `data.root` is absent, empty or an
-    older shapes dataset: never into a folder holding other files.
+    older shapes dataset: never into a folder holding other files. With
+    `training=False` (evaluation) no training file is needed when the config names its
+    evaluation files (`data.eval_file`, or a user's training file to hold a split of).
     """
     root = Path(cfg.root)
+    if not training and (cfg.eval_file.strip() or cfg.train_file.strip()) and not uses_shapes_layout(cfg):
+        keys = tuple(k for k in PATH_KEYS if k != "train_file" or holds_out(cfg))
+        check_data_paths(cfg, keys)
+        return root
     layout = uses_shapes_layout(cfg) or (not is_shapes_folder(root) and all(_in_layout(p, root) for p in _train_paths(cfg)))
     needed = _train_paths(cfg) if cfg.train_file.strip() else [root / "train.jsonl"]
     if all(p.exists() for p in needed):
@@ -181,11 +191,19 @@ def train_samples(cfg: DataConfig, report: LoadReport | None = None, holdout: bo
     return samples
 
 
+def iter_all_train_samples(cfg: DataConfig, report: LoadReport | None = None) -> Iterator[Sample]:
+    """Every record of the training captions file, one at a time, held-out ones included
+    (`vlmalign data check` reads files of any size)."""
+    root = ensure_data(cfg)
+    yield from iter_captions_jsonl(_resolve(root, cfg.train_file or "train.jsonl"), caption_field=cfg.caption_field,
+                                   report=report, allow_outside_root=cfg.allow_outside_root)
+
+
 def eval_samples(cfg: DataConfig, report: LoadReport | None = None) -> list[Sample]:
     """Held-out pairs: `data.eval_file`, else the held-out split of the user's training
     file (`holds_out`), else the shapes layout's test.jsonl; at most
     `data.eval_max_samples`. Empty for a user's data with neither."""
-    root = ensure_data(cfg)
+    root = ensure_data(cfg, training=False)
     if holds_out(cfg):
         path = _resolve(root, cfg.train_file)
         _, samples = _split_heldout(load_captions_jsonl(path, caption_field=cfg.caption_field, report=report,
@@ -212,7 +230,7 @@ def compositional_path(cfg: DataConfig) -> Path | None:
 def compositional_items(cfg: DataConfig, report: LoadReport | None = None) -> list[CompositionalItem]:
     """SugarCrepe-style items (`compositional_path`; empty when there is none), restricted
     to the evaluated images when `data.eval_max_samples` caps them."""
-    root = ensure_data(cfg)
+    root = ensure_data(cfg, training=False)
     path = compositional_path(cfg)
     if path is None:
         return []
@@ -241,9 +259,13 @@ def train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> li
     """Instruction conversations from `data.train_file` (comma-separated files, relative
     to the root) or, by default, the shapes layout's instruct files; text-only records
     are skipped (every row of a VLM batch needs its image)."""
+    return list(iter_train_conversations(cfg, report))
+
+
+def iter_train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> Iterator[Conversation]:
+    """`train_conversations` one at a time (`vlmalign data check` reads files of any size)."""
     root = ensure_data(cfg)
     names = [n.strip() for n in (cfg.train_file or INSTRUCT_TRAIN).split(",") if n.strip()]
-    out: list[Conversation] = []
     for name in names:
         path = _resolve(root, name)
         if (not path.exists() and name == "mcq_train_conversations.json" and (root / "mcq_train.json").exists()
@@ -251,8 +273,8 @@ def train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> li
             from vlmalign.data.scienceqa import load_mcq_json, write_mcq_conversations
 
             write_mcq_conversations(load_mcq_json(root / "mcq_train.json", image_root=root), path)
-        out += load_conversations(path, image_root=root, report=report, allow_text_only=False)
-    return out
+        yield from iter_conversations(path, image_root=root, report=report, allow_text_only=False,
+                                      allow_outside_root=cfg.allow_outside_root)
 
 
 def mcq_path(cfg: DataConfig) -> Path | None:
@@ -268,7 +290,7 @@ def mcq_items(cfg: DataConfig, report: LoadReport | None = None) -> list:
     `data.eval_max_samples` of them."""
     from vlmalign.data.scienceqa import load_mcq_json
 
-    root = ensure_data(cfg)
+    root = ensure_data(cfg, training=False)
     path = mcq_path(cfg)
     if path is None:
         return []
