@@ -1,6 +1,11 @@
 """The bad-input matrix (issue 9): every kind of broken data gives a counted skip with its
 reason and `file:line`, a conversion, or an error naming the file, the position and the
-fix; never a crash mid-run and never a silent drop. Real files written to tmp_path."""
+fix; never a crash mid-run and never a silent drop. Real files written to tmp_path.
+
+The user's own folder and real-size files (issue 18) have their cases in
+tests/test_user_data.py (a folder hashed before and after every command, held-out
+evaluation, ScienceQA options, invalid JSON at the CLI, skipped.jsonl, counts, the run
+lock, provenance) and tests/test_large_input.py (streamed checks within 3x a file's size)."""
 
 from __future__ import annotations
 
