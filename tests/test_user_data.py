@@ -128,6 +128,10 @@ def test_a_users_folder_is_never_written_by_any_command(photos, tmp_path, monkey
     verify_checkpoint(checkpoint)
     assert json.loads((run / f"eval-{checkpoint.name}" / "metrics.json").read_text())["metrics"]["eval_pairs"] == 2
     assert main(["eval", "--out", str(checkpoint / "eval"), str(run)]) == 2  # never inside it
+    # a folder of real data is evaluated from its own file: no training file needed
+    assert main(["eval", "--out", str(tmp_path / "eval2"), str(run), "data.train_file=",
+                 "data.eval_file=captions.jsonl"]) == 0
+    assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["metrics"]["eval_pairs"] == 9
     assert tree_hash(checkpoint) == ckpt_before and tree_hash(photos) == before
 
     # 3. caption: the count and an estimate are printed before the work
@@ -208,6 +212,19 @@ def test_a_users_run_evaluates_only_the_files_it_names(photos, shapes_root, tmp_
     plan = EvalPlan.load(cfg)
     assert plan.samples and not plan.items and not plan.kp_captions and plan.zs_images
     assert "eval.compositional=false" in "\n".join(plan.describe())
+
+
+def test_a_folder_made_in_the_shapes_layout_is_evaluated_on_its_test_split(photos, tmp_path):
+    from vlmalign.data.splits import eval_samples, train_samples, uses_shapes_layout
+
+    folder = tmp_path / "layout"
+    shutil.copytree(photos, folder)
+    lines = (folder / "captions.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(lines[6:]) + "\n")
+    cfg = DataConfig(root=str(folder))
+    assert uses_shapes_layout(cfg) and len(train_samples(cfg)) == 6 and len(eval_samples(cfg)) == 3
+    assert not (folder / "meta.json").exists()  # nothing generated into it
 
 
 def test_the_held_out_split_is_seeded_disjoint_and_left_out_of_training(photos):
