@@ -154,3 +154,36 @@ def test_search_returns_names_exact_and_faiss():
         found = search(model, search_index.FaissIndex.build(x, exact=True), names, "anything", top=3)
         assert [h[0] for h in found] == [h[0] for h in hits]
         assert [h[1] for h in found] == pytest.approx([h[1] for h in hits], abs=1e-5)
+
+
+def test_cli_search_methods(tiny_cfg, shapes_root, tmp_path, capsys):
+    """`vlmalign search --method/--exact-max/--nprobe`: FAISS above the threshold (its index
+    kept in INDEX.faiss), exact otherwise, the same best image either way here."""
+    pytest.importorskip("faiss", reason='FAISS not installed: pip install "vlmalign[faiss]"')
+    import shutil
+
+    from vlmalign.cli import main
+    from vlmalign.train.trainer import train
+
+    checkpoint = train(tiny_cfg("align-clip", "train.max_steps=1")).checkpoint
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((shapes_root / "images").glob("*.png"))[:6]:
+        shutil.copy(p, folder / p.name)
+    index = tmp_path / "index.safetensors"
+    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(index)]) == 0
+    capsys.readouterr()
+
+    def run(*extra: str) -> tuple[list[str], str]:
+        assert main(["search", "--checkpoint", str(checkpoint), "--index", str(index), "--top", "3", *extra,
+                     "a red circle"]) == 0
+        out = capsys.readouterr()
+        return [ln.split()[-1] for ln in out.out.splitlines() if ln.strip()[:2] in ("1.", "2.", "3.")], out.err
+
+    exact, err = run()
+    assert "exact search over 6 images" in err and len(exact) == 3
+    approx, err = run("--exact-max", "5", "--nprobe", "1")  # 6 > 5: FAISS IVF (one list: exact here)
+    assert "faiss-ivf search over 6 images" in err and (tmp_path / "index.safetensors.faiss").is_file()
+    assert approx == exact
+    forced, err = run("--method", "exact", "--exact-max", "5")
+    assert "exact search" in err and forced == exact
