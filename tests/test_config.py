@@ -47,12 +47,26 @@ def test_saved_config_round_trips(tmp_path: Path):
     assert again == cfg
 
 
-def test_every_recipe_has_a_config():
+def test_every_recipe_has_a_config_named_after_it_and_every_config_a_recipe():
+    from vlmalign.paths import recipe_names
     from vlmalign.train.recipes import RECIPES
 
     for name in RECIPES.names():
-        assert (CONFIG_DIR / RECIPES.get(name).config).exists()
+        assert (CONFIG_DIR / f"{name}.yaml").exists()
         assert load_config(recipe_config(name)).recipe == name
+    assert recipe_names() == RECIPES.names()
+
+
+def test_unknown_recipe_names_the_known_ones_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from vlmalign.paths import recipe_config\n"
+            "try:\n    recipe_config('algn')\nexcept KeyError as e:\n    print(e)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "align-clip" in out and "Did you mean 'align'" in out
+    assert out.strip().endswith("False")  # finding a YAML by name imports no torch
 
 
 def test_override_syntax_error():

@@ -279,7 +279,8 @@ def subset_retrieval(image_emb: Tensor, text_emb: Tensor, text_to_row: Tensor) -
     """R@1/5/10 both ways between `text_emb` [N_txt, D] and the rows of `image_emb`
     [N_img, D] that `text_to_row` [N_txt] names (see `task_rows`)."""
     rows, t2i = task_rows(text_to_row)
-    return retrieval_metrics(image_emb[rows.to(image_emb.device)] @ text_emb.T, t2i)  # [N_sub, N_txt]
+    # (images, texts) rather than their score matrix: ranked tile by tile (eval/ranking.py)
+    return retrieval_metrics((image_emb[rows.to(image_emb.device)], text_emb), t2i)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from vlmalign.config import Config
+from vlmalign.data.loading import loader_kwargs
 from vlmalign.data.sample import LoadReport
 from vlmalign.data.sampler import LENGTH_GROUP, LengthGroupedBatchSampler
 from vlmalign.data.shards import ShardStream, StreamPosition, rank_position
@@ -103,7 +104,8 @@ def make_batches(model: VLM, objective: Objective, data: TrainData | None, cfg: 
     if cfg.data.shards:
         trainset = build_stream(model, cfg, accelerator.process_index, accelerator.num_processes, kind=kind,
                                 objective=objective)
-        loader = DataLoader(trainset.dataset, batch_size=tc.batch_size, collate_fn=trainset.collator)
+        loader = DataLoader(trainset.dataset, batch_size=tc.batch_size, collate_fn=trainset.collator,
+                            **loader_kwargs(cfg.data, accelerator.device))
         return Batches(trainset, loader, None, trainset.stream.report, accelerator, f"{trainset.stream.total} streamed")
     if data is None:
         data = TrainData.prepare(model, cfg, kind)
@@ -114,9 +116,19 @@ def make_batches(model: VLM, objective: Objective, data: TrainData | None, cfg: 
     sampler = batch_sampler(trainset.lengths, cfg)
     # A private generator: the loader draws a seed from it each epoch, which would
     # otherwise shift the global torch RNG between an interrupted run and its resumption.
+    workers = loader_kwargs(cfg.data, accelerator.device, decodes_images=data.features is None)
+    if workers["num_workers"]:
+        _tensors_to_cpu(trainset.dataset)  # forked workers cannot touch CUDA tensors
     loader = DataLoader(trainset.dataset, batch_sampler=sampler, collate_fn=trainset.collator,
-                        generator=torch.Generator().manual_seed(tc.seed))
+                        generator=torch.Generator().manual_seed(tc.seed), **workers)
     return Batches(trainset, loader, sampler, data.report, accelerator, len(trainset.dataset))
+
+
+def _tensors_to_cpu(dataset) -> None:
+    """Move a map-style dataset's cached tensors (features, text states) to the CPU."""
+    for name, value in vars(dataset).items():
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            setattr(dataset, name, value.cpu())
 
 
 def groups(loader, k: int):
