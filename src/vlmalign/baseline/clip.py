@@ -39,11 +39,11 @@ from vlmalign import cache
 from vlmalign.config import Config, ConfigError, _update, load_config, parse_overrides, replace
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport, Sample
-from vlmalign.data.sampler import LengthGroupedBatchSampler
 from vlmalign.data.splits import subsample, train_samples
 from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, embedding_metrics
 from vlmalign.eval.report import write_metrics
 from vlmalign.models.vision import VisionTower, build_vision_tower
+from vlmalign.train.batches import batch_sampler
 from vlmalign.train.batches import groups as micro_batch_groups
 from vlmalign.train.step import TrainStep, optimizer_step
 
@@ -357,8 +357,8 @@ def train_clip_baseline(
     console.print(f"clip baseline: built and cached features for {len(samples)} pairs in {time.perf_counter() - t0:.1f} s")
 
     captions = [s.caption for s in samples]
-    lengths = [len(ids) for ids in model.tokenizer(captions).input_ids] if tc.group_by_length else [0] * len(captions)
-    sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, seed=tc.seed, group=8 if tc.group_by_length else 1)
+    lengths = [len(ids) for ids in model.tokenizer(captions).input_ids]
+    sampler = batch_sampler(lengths, cfg)  # the trainer's batch order rule
     head = [model.image_proj.weight, model.log_logit_scale, *model.text.proj.parameters()]
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
