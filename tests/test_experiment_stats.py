@@ -168,3 +168,8 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
     run_experiment(_experiment([]), tmp_path, log=lambda s: None)
     with pytest.raises(SettingsMismatch):
         run_experiment(_experiment([], settings={"steps": 4}), tmp_path, log=lambda s: None)
+
+
+def test_report_only_on_an_empty_folder_summarises_nothing(tmp_path):
+    summary = run_experiment(_experiment([]), tmp_path, log=lambda s: None, execute=False)
+    assert summary["seeds"] == [] and summary["metrics"] == {} and summary["claims"][0]["verdict"] == "not run"

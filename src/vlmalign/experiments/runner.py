@@ -192,6 +192,8 @@ def values_of(records: list[dict], metric: str, variants: list[str], seeds: list
     when every (variant, seed) has the same number of them (the same items)."""
     by = {(r["variant"], r["seed"]): r for r in records}
     out: dict[str, np.ndarray] = {}
+    if not seeds:  # no seed finished every variant yet
+        return out
     use_items = all(metric in by[(v, s)].get("items", {}) for v in variants for s in seeds if (v, s) in by)
     lengths = {len(by[(v, s)]["items"][metric]) for v in variants for s in seeds if (v, s) in by} if use_items else set()
     use_items = use_items and len(lengths) == 1
