@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from record import write_record  # benchmarks/record.py, beside this script
 from torch.utils.data import DataLoader, Dataset
 
 from vlmalign.config import VisionConfig
@@ -247,11 +247,7 @@ def main() -> None:
         },
         "load_avg_after": list(os.getloadavg()),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
-    print(f"load average before {load_before}, after {record['load_avg_after']}")
+    write_record(args.json, record, load_before)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import H100_BF16_DENSE_TFLOPS, photo_like  # noqa: E402
+from record import write_record  # noqa: E402 - benchmarks/record.py, beside this script
 
 from vlmalign.config import load_config  # noqa: E402
 from vlmalign.eval.metrics import retrieval_metrics  # noqa: E402
@@ -187,11 +188,7 @@ def main() -> None:
         "coco5k_estimate_here": here, "coco5k_estimate_idle": idle, "coco5k_estimate_h100": gpu,
         "load_avg_after": list(os.getloadavg()),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
-    print(f"load average before {load_before}, after {record['load_avg_after']}")
+    write_record(args.json, record, load_before)
 
 
 if __name__ == "__main__":

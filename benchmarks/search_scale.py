@@ -21,14 +21,13 @@ Writes a JSON with `os.getloadavg()` before and after: the machine may be shared
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from record import write_record  # benchmarks/record.py, beside this script
 
 from vlmalign.search_index import ExactIndex, FaissIndex, default_nlist, default_nprobe
 
@@ -119,11 +118,7 @@ def main() -> None:
         "faiss": faiss.__version__, "default_nlist": {str(n): default_nlist(n) for n in sizes},
         "load_avg_before": list(load_before), "sizes": results, "load_avg_after": list(os.getloadavg()),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
-    print(f"load average before {load_before}, after {record['load_avg_after']}")
+    write_record(args.json, record, load_before)
 
 
 if __name__ == "__main__":
