@@ -115,15 +115,17 @@ def test_a_users_folder_is_never_written_by_any_command(photos, tmp_path, monkey
         "sha256"] == hashlib.sha256((photos / "captions.jsonl").read_bytes()).hexdigest()
 
     # 8. eval writes beside the checkpoint; the checkpoint stays byte-identical and verifies
+    from vlmalign.train import rundir
     from vlmalign.train.checkpoint import verify_checkpoint
 
-    record = json.loads((run / "provenance.json").read_text())
-    record["packages"]["torch"] = "0.0.1"
-    (run / "provenance.json").write_text(json.dumps(record))
+    real_versions = rundir.package_versions
+    installed = real_versions()
+    monkeypatch.setattr(rundir, "package_versions", lambda names=rundir.PACKAGES: {**installed, "torch": "9.9.9"})
     ckpt_before = tree_hash(checkpoint)
     assert main(["eval", str(run)]) == 0
     out = _flat(capsys.readouterr().out)
-    assert "madewithotherversions" in out and "torch" in out  # the provenance warning
+    assert "madewithotherversions" in out and "torch9.9.9(checkpoint:" in out  # the provenance warning
+    monkeypatch.setattr(rundir, "package_versions", real_versions)
     assert tree_hash(checkpoint) == ckpt_before
     verify_checkpoint(checkpoint)
     assert json.loads((run / f"eval-{checkpoint.name}" / "metrics.json").read_text())["metrics"]["eval_pairs"] == 2
@@ -406,3 +408,47 @@ def test_provenance_records_versions_and_data_hashes(tiny_cfg, shapes_root, tmp_
     assert read_provenance(run / "checkpoint-1") == record
     record["packages"]["transformers"] = "1.0.0"
     assert any(line.startswith("transformers ") and "1.0.0" in line for line in provenance_differences(record))
+
+
+# ---------------------------------------------------------------- the trainer's own calls
+# These need three calls in train/trainer.py and train/checkpoint.py (RunLock around
+# train(), write_provenance at setup + copy_provenance before the manifest, write_skipped
+# at the end); strict xfail until then, so the marker has to go once they are in.
+
+WIRING = "the trainer does not call train/rundir.py yet (RunLock, copy_provenance, write_skipped)"
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_training_lists_every_skip_and_each_checkpoint_keeps_its_provenance(tiny_cfg, photos, tmp_path):
+    from vlmalign.train.checkpoint import MANIFEST_NAME, verify_checkpoint
+    from vlmalign.train.trainer import train
+
+    with (photos / "captions.jsonl").open("a") as f:
+        for i in range(3):
+            f.write(json.dumps({"image": f"gone_{i}.jpg", "caption": "a photo that is not there"}) + "\n")
+    cfg = tiny_cfg("align", f"data.root={photos}", "data.train_file=captions.jsonl", "train.max_steps=1",
+                   "train.batch_size=4", f"train.out_dir={tmp_path / 'run'}")
+    result = train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["where"].rsplit(":", 1)[1] for r in lines) == ["10", "11", "12"]
+    assert all(r["reason"] == "missing_image" for r in lines)
+    verify_checkpoint(result.checkpoint)
+    manifest = json.loads((result.checkpoint / MANIFEST_NAME).read_text())
+    assert "provenance.json" in manifest["files"]
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_train_itself_refuses_a_folder_another_process_holds(tiny_cfg, tmp_path):
+    from vlmalign.train.rundir import RunLockedError
+    from vlmalign.train.trainer import train
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": "0"})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError):
+            train(tiny_cfg("align", "train.max_steps=1", f"train.out_dir={out}"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
