@@ -80,8 +80,9 @@ CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_att", "add_obj"
 FULL: dict[str, Any] = {"scenes": 1500, "train_fraction": 0.27, "steps": 40, "batch": 8, "eval": 150,
                         "comp_per_category": 30, "wino_pairs": 100, "long_tokens": 64, "seeds": [0, 1, 2],
                         "sweep_steps": 20, "lrs": [2e-4, 1e-3], "sweep_seed": 100}
-QUICK: dict[str, Any] = {"scenes": 200, "train_fraction": 0.5, "steps": 4, "batch": 8, "eval": 24,
-                         "comp_per_category": 60, "wino_pairs": 16, "long_tokens": 64, "seeds": [0, 1],
+# A smoke run: every arm, two seeds, one lr (no sweep), a few steps and items.
+QUICK: dict[str, Any] = {"scenes": 200, "train_fraction": 0.2, "steps": 4, "batch": 8, "eval": 16,
+                         "comp_per_category": 6, "wino_pairs": 8, "long_tokens": 64, "seeds": [0, 1],
                          "sweep_steps": 2, "lrs": [1e-3], "sweep_seed": 100}
 # The smallest effect (points) we treat as a reproduction of a "beats" claim: VladVA's
 # reported gains over CLIP-like models of its size are several points; 2 points is our
@@ -271,7 +272,9 @@ def _clip_arm(lr: float, tag: str, text_tower: str) -> Variant:
         from vlmalign.config import _update, parse_overrides
 
         out = sh.out / "runs" / f"{tag}clip-peer-seed{seed}"
-        cfg = load_config(recipe_config("align-clip"), sh.common + [f"train.lr={lr}", f"train.out_dir={out}"])
+        # no on-disk feature store: it holds the VLM's patch features, the peer pools them
+        cfg = load_config(recipe_config("align-clip"), sh.common + [f"train.lr={lr}", f"train.out_dir={out}",
+                                                                    "train.feature_cache_dir="])
         # the text transformer at a tenth of the projections' lr (2e-5 at the default 2e-4)
         options = ClipBaselineConfig(text_tower=text_tower, text_lr=lr / 10)
         _update(options, parse_overrides(sh.clip_overrides), "baseline.")
