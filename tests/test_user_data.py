@@ -411,14 +411,10 @@ def test_provenance_records_versions_and_data_hashes(tiny_cfg, shapes_root, tmp_
 
 
 # ---------------------------------------------------------------- the trainer's own calls
-# These need three calls in train/trainer.py and train/checkpoint.py (RunLock around
-# train(), write_provenance at setup + copy_provenance before the manifest, write_skipped
-# at the end); strict xfail until then, so the marker has to go once they are in.
-
-WIRING = "the trainer does not call train/rundir.py yet (RunLock, copy_provenance, write_skipped)"
+# train() holds the run folder's lock, writes provenance at setup (each checkpoint copies it
+# under its manifest) and every skipped record at the end.
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_training_lists_every_skip_and_each_checkpoint_keeps_its_provenance(tiny_cfg, photos, tmp_path):
     from vlmalign.train.checkpoint import MANIFEST_NAME, verify_checkpoint
     from vlmalign.train.trainer import train
@@ -437,7 +433,6 @@ def test_training_lists_every_skip_and_each_checkpoint_keeps_its_provenance(tiny
     assert "provenance.json" in manifest["files"]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_train_itself_refuses_a_folder_another_process_holds(tiny_cfg, tmp_path):
     from vlmalign.train.rundir import RunLockedError
     from vlmalign.train.trainer import train

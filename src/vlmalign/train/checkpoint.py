@@ -56,7 +56,7 @@ from torch import nn
 from vlmalign.config import Config, ConfigError, load_config
 from vlmalign.errors import DiskFullError, is_disk_full
 from vlmalign.models.vlm import CONFIG_NAME, VLM, WEIGHTS_NAME
-from vlmalign.train import sharded
+from vlmalign.train import rundir, sharded
 from vlmalign.train.sharded import OPTIMIZER_NAME, TrainableState
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def _write_files(
     except TypeError as e:
         raise TypeError(f"trainer state for {tmp.name} is not JSON-serialisable ({e}); keep scheduler and logged values plain numbers") from None
     (tmp / STATE_NAME).write_text(text)
+    rundir.copy_provenance(tmp.parent, tmp)  # the run's provenance.json, covered by the manifest
     for _, path in _files(tmp):
         _fsync(path)
     write_manifest(tmp)

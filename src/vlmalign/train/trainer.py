@@ -28,7 +28,7 @@ from vlmalign.errors import explain_oom
 from vlmalign.models import compiled
 from vlmalign.models.vlm import VLM
 from vlmalign.objective import Objective
-from vlmalign.train import checkpoint, sharded
+from vlmalign.train import checkpoint, rundir, sharded
 from vlmalign.train.batches import Batches, agree, groups, make_batches
 from vlmalign.train.checkpoint import TrainingState
 from vlmalign.train.datasets import TrainData
@@ -103,14 +103,15 @@ def train(cfg: Config, model: VLM | None = None, data: TrainData | None = None) 
     """Train `cfg.recipe` for `cfg.train.max_steps` optimizer steps, from scratch or from
     `cfg.train.resume`; returns the final checkpoint folder and the logged history."""
     t0 = time.perf_counter()
-    run = setup(cfg, model, data)
     tc = cfg.train
-    runlog = RunLog(run.out_dir, tc.max_steps, enabled=run.accelerator.is_main_process, start_step=run.state.step,
-                    title=cfg.recipe, samples_per_step=tc.batch_size * tc.grad_accum_steps * run.accelerator.num_processes,
-                    console=console)
-    with runlog, StopSignal() as stop, explain_oom(tc.batch_size, tc.grad_accum_steps):
-        run_loop(run, runlog, stop)
-    return finish(run, stop, time.perf_counter() - t0)
+    with rundir.RunLock(tc.out_dir):  # a second live run into the same out_dir refuses
+        run = setup(cfg, model, data)
+        runlog = RunLog(run.out_dir, tc.max_steps, enabled=run.accelerator.is_main_process,
+                        start_step=run.state.step, title=cfg.recipe, console=console,
+                        samples_per_step=tc.batch_size * tc.grad_accum_steps * run.accelerator.num_processes)
+        with runlog, StopSignal() as stop, explain_oom(tc.batch_size, tc.grad_accum_steps):
+            run_loop(run, runlog, stop)
+        return finish(run, stop, time.perf_counter() - t0)
 
 
 def setup(cfg: Config, model: VLM | None, data: TrainData | None) -> Run:
@@ -155,6 +156,8 @@ def setup(cfg: Config, model: VLM | None, data: TrainData | None) -> Run:
         console.print(f"compiling {compiled.set_compiled(model.llm, True)} decoder layers (the first steps are slow)")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
+    if accelerator.is_main_process:  # versions, hardware, data hashes (copied into each checkpoint)
+        rundir.write_provenance(out_dir, rundir.provenance(cfg))
     state = TrainingState()
     if resume_from is not None:
         state = checkpoint.load_training_state(resume_from, optimizer, scheduler, accelerator.scaler,
@@ -236,6 +239,7 @@ def finish(run: Run, stop: StopSignal, wall_s: float) -> TrainResult:
         console.print(f"[yellow]data: {truncated} training sequences truncated to the length limit")
     final = run.save({"skipped": run.batches.report.as_dict(), "truncated": truncated})
     if run.accelerator.is_main_process:
+        rundir.write_skipped(run.out_dir, run.batches.report)  # every skipped record, with its reason
         (run.out_dir / "latest.tmp").write_text(final.name)
         os.replace(run.out_dir / "latest.tmp", run.out_dir / "latest")
         with open(run.out_dir / "history.jsonl", "w") as f:
