@@ -173,3 +173,8 @@ def test_runner_refuses_to_resume_with_other_settings(tmp_path):
 def test_report_only_on_an_empty_folder_summarises_nothing(tmp_path):
     summary = run_experiment(_experiment([]), tmp_path, log=lambda s: None, execute=False)
     assert summary["seeds"] == [] and summary["metrics"] == {} and summary["claims"][0]["verdict"] == "not run"
+
+
+def test_one_seed_without_items_is_never_a_verdict():
+    d = stats.paired_difference([[2.0]], [[1.0]])  # one seed, one per-seed value each
+    assert d.lo == d.hi == 1.0 and stats.verdict(d, 0.0) == "underpowered"

@@ -88,7 +88,8 @@ def run_ak(out: str | Path = "runs/ak", quick: bool = False, seeds: list[int] | 
         variants=[_arm(n) for n in ARMS], seeds=list(s["seeds"]), setup=de._setup(s, out, llm, tower, extra),
         metrics=[m for m in de.metrics(chance) if m.key != "image_information_gap"] + [
             Metric("image_information_gap", "caption loss: shuffled - true image", 0.0, unit="")],
-        claims=claims(), settings={"sizes": s, "llm": llm, "tower": tower, "extra": extra},
+        claims=claims(), settings={"sizes": {k: v for k, v in s.items() if k != "seeds"}, "llm": llm, "tower": tower,
+                                   "extra": extra},
         data_files=lambda: [root / "train.jsonl", root / de.FREE_FORM, root / "mcq_test.json", root / "test.jsonl"],
         command=command,
     )

@@ -313,7 +313,7 @@ def run_data_efficiency(out: str | Path = "runs/data-efficiency", quick: bool = 
         name="data-efficiency", title="CG-VLM on shapes: instruction-data efficiency, zero-shot multiple choice",
         variants=variants(), seeds=list(s["seeds"]), setup=_setup(s, out, llm, tower, extra),
         metrics=metrics(chance_items), claims=claims(),
-        settings={"sizes": s, "llm": llm, "tower": tower, "extra": extra},
+        settings={"sizes": {k: v for k, v in s.items() if k != "seeds"}, "llm": llm, "tower": tower, "extra": extra},
         data_files=lambda: [root / "train.jsonl", root / FREE_FORM, root / "mcq_test.json", root / "test.jsonl"],
         extra_summary=ratio_summary, command=command,
     )

@@ -159,6 +159,8 @@ def items_for_mde(diff: Interval, target: float) -> int | None:
 
 def verdict(diff: Interval, effect: float = 0.0) -> str:
     """Verdict of the claim "difference > 0" (see the module docstring)."""
+    if diff.seeds < 2 and not diff.items:
+        return "underpowered"  # one per-seed value: no estimate of the spread at all
     if diff.lo > 0:
         return "supported"
     if (effect > 0 and diff.hi < effect) or diff.hi < 0:

@@ -378,7 +378,8 @@ def run_vladva(out: str | Path = "runs/vladva", quick: bool = False, seeds: list
         name="vladva", title="VladVA on shapes: ablation and the CLIP peer",
         variants=[_arm(name, lrs[name], "", clip_text_tower) for name in ARM_NAMES],
         seeds=list(s["seeds"]), setup=_setup(s, out, llm, tower, extra), metrics=metrics(s["eval"]), claims=claims(),
-        settings={"sizes": s, "llm": llm, "tower": tower, "extra": extra, "text_tower": clip_text_tower, "lrs": lrs},
+        settings={"sizes": {k: v for k, v in s.items() if k != "seeds"}, "llm": llm, "tower": tower, "extra": extra,
+                  "text_tower": clip_text_tower, "lrs": lrs},
         data_files=lambda: [out / "shapes" / "train.jsonl", out / "shapes" / "test.jsonl", out / "shapes" / "sugarcrepe",
                             out / "word_order", out / "shapes" / "zeroshot"],
         extra_summary=lambda records: {"learning_rates": lrs, "sweep": {
