@@ -101,7 +101,8 @@ class Interval:
         return (self.hi - self.lo) / 2
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self) | {"half_width": self.half_width}
+        """The fields, the half-width and the 95% interval as one pair [lo, hi]."""
+        return asdict(self) | {"half_width": self.half_width, "interval_95": [self.lo, self.hi]}
 
 
 def interval(values, draws: int = DEFAULT_DRAWS, seed: int = 0) -> Interval:
