@@ -47,6 +47,11 @@ def naive_loss(model, objective, batch: dict) -> tuple[Tensor, dict[str, Tensor]
         rows = batch.get("ntp_rows")
         v = visual if rows is None else visual[rows]
         embeds = model.splice(batch["input_ids"], v)
+        if "soft_mask" in batch:  # prompted captions with soft prompts: the learned vectors, in order
+            for r in range(embeds.shape[0]):
+                at = batch["soft_mask"][r].nonzero().flatten()
+                embeds = embeds.clone()
+                embeds[r, at] = model.image_soft.vectors.to(embeds.dtype)
         out = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         parts["ntp_loss"] = out.loss
         total = total + c.ntp_weight * out.loss

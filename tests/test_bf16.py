@@ -35,6 +35,7 @@ def run(tiny_cfg, recipe: str, precision: str, out):
     GradientState._reset_state()
     cfg = tiny_cfg(recipe, "train.max_steps=2", "train.log_every=1", "train.batch_size=4",
                    f"train.mixed_precision={precision}", f"train.out_dir={out / precision}")
+    torch.manual_seed(cfg.train.seed)  # both precisions start from the same initial weights
     model = VLM.build(cfg)
     seen: set[torch.dtype] = set()
     hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))

@@ -1,6 +1,8 @@
 """The discriminative recipe (VladVA): short/long caption routing, soft prompts, LoRA, and
 checkpoints that reload to identical embeddings; on tiny models and shapes files."""
 
+import dataclasses
+
 import torch
 
 from vlmalign.config import DataConfig
@@ -86,7 +88,7 @@ def test_soft_prompts_get_gradients_while_the_frozen_llm_does_not(tiny_cfg):
 
 
 def test_discriminative_trains_both_losses_and_reloads_to_identical_embeddings(tiny_cfg):
-    cfg = tiny_cfg("discriminative", "train.max_steps=8", "train.lr=5e-3", "train.warmup_steps=1",
+    cfg = tiny_cfg("discriminative", "train.max_steps=16", "train.lr=2e-2", "train.warmup_steps=1",
                    "data.train_file=val.jsonl", "train.log_every=2", "lora.target_modules=q_proj,v_proj",
                    "data.long_max_tokens=120", "train.batch_size=4")
     result = train(cfg)
@@ -107,3 +109,61 @@ def test_projector_can_stay_frozen(tiny_cfg):
     assert "projector" not in trains
     assert not any(p.requires_grad for p in model.projector.parameters())
     assert model.text_soft.vectors.requires_grad and any(p.requires_grad for p in model.llm.parameters())
+
+
+def _long_caption_batch(model: VLM, prompted: bool) -> dict:
+    from vlmalign.train.datasets import short_long_collator
+
+    cfg = dataclasses.replace(model.cfg, data=dataclasses.replace(model.cfg.data, long_caption_prompted=prompted))
+    collate = short_long_collator(model, cfg)
+    f = _feats(model, 2)
+    return collate([{"index": 0, "short": "a red circle", "long": "a long caption about a red circle", "features": f[0]},
+                    {"index": 1, "short": "a blue star", "long": "a blue star above two squares", "features": f[1]}])
+
+
+def test_long_captions_continue_the_image_embedding_prompt_with_its_soft_vectors(tiny_cfg):
+    """`data.long_caption_prompted` (VladVA): the long caption follows the image embedding
+    prompt, labels only on the caption, soft-prompt vectors where the template text is;
+    the objective's next-token loss equals an HF forward of the same sequence, and the
+    NTP loss alone trains the image soft prompt."""
+    from tests.naive_step import naive_loss
+    from vlmalign.objective import Objective
+
+    model = VLM.build(tiny_cfg("discriminative", "embedding.centre=false", "lora.enabled=false",
+                               "objective.contrastive=none"))
+    apply_recipe(model, RECIPES.get("discriminative"))
+    t = model.image_template
+    batch = _long_caption_batch(model, prompted=True)
+    prompt_len = len(t.head) + len(t.before) + model.num_visual_tokens + len(t.after) + len(t.tail)
+    assert batch["input_ids"][0, :len(t.head) + len(t.before)].tolist() == [*t.head, *t.before]
+    assert (batch["labels"][:, :prompt_len] == -100).all() and (batch["labels"][:, prompt_len] != -100).all()
+    assert batch["soft_mask"].sum(dim=1).tolist() == [len(t.before) + len(t.after)] * 2
+    plain = _long_caption_batch(model, prompted=False)
+    assert "soft_mask" not in plain and plain["input_ids"].shape[1] < batch["input_ids"].shape[1]
+
+    objective = Objective(model.cfg.objective)
+    loss, parts = objective(model, batch)
+    ref, ref_parts = naive_loss(model, objective, batch)
+    assert torch.allclose(parts["ntp_loss"], ref_parts["ntp_loss"], atol=1e-5)
+    loss.backward()
+    assert model.image_soft.vectors.grad is not None and model.image_soft.vectors.grad.abs().sum() > 0
+    model.image_soft.vectors.grad = None
+    with torch.no_grad():  # the soft vectors, not the template's token embeddings, are in the sequence
+        model.image_soft.vectors.add_(0.5)
+    moved, _ = objective(model, batch)
+    assert not torch.allclose(moved, loss, atol=1e-4)
+
+
+def test_text_state_cache_keeps_states_per_text_prompt(tiny_cfg):
+    """A cache shared by models with different text prompts never serves another prompt's
+    state."""
+    from vlmalign.cache import TextStateCache
+
+    a = VLM.build(tiny_cfg("align-clip", "embedding.centre=false"))
+    b = VLM.build(tiny_cfg("align-clip", "embedding.centre=false", "embedding.text_prompt=<sent>\nIn one word:"))
+    b.load_state_dict(a.state_dict(), strict=False)
+    cache, texts = TextStateCache(), ["a red circle", "two blue squares"]
+    got_a, got_b = cache.states(a, texts), cache.states(b, texts)
+    assert torch.allclose(got_a, a.text_states(texts), atol=1e-5)
+    assert torch.allclose(got_b, b.text_states(texts), atol=1e-5)
+    assert not torch.allclose(got_a, got_b, atol=1e-3) and len(cache) == 4

@@ -107,30 +107,38 @@ def tower_features(
 
 
 class TextStateCache:
-    """Raw prompted last-token states of texts, each distinct text computed once.
+    """Raw prompted last-token states of texts, each distinct text computed once per text
+    prompt.
 
     Valid only while nothing on the text path trains (frozen LLM, no text soft prompt):
     then a caption's state is a constant, shared by training, evaluation and by several
-    recipes trained on the same backbone.
+    recipes trained on the same backbone. States are kept per text prompt (its token ids
+    and the text length limit), so a model with another prompt never reads them.
     """
 
     def __init__(self, batch_size: int = 64) -> None:
         self.batch_size = batch_size
-        self._states: dict[str, Tensor] = {}
+        self._states: dict[tuple, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
-        return len(self._states)
+        return sum(len(v) for v in self._states.values())
+
+    @staticmethod
+    def prompt_key(model: VLM) -> tuple:
+        """What a text state depends on besides the text and the frozen backbone."""
+        return (*model.text_template.ids([])[0], -1, model.cfg.data.long_max_tokens)
 
     @torch.no_grad()
     def states(self, model: VLM, texts: list[str]) -> Tensor:
         """[N, D] raw states for `texts`, computing the ones not seen before."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._states]
+        known = self._states.setdefault(self.prompt_key(model), {})
+        todo = [t for t in dict.fromkeys(texts) if t not in known]
         todo.sort(key=len)  # batches of similar length: little padding
         starts = range(0, len(todo), self.batch_size)
         for i in track(starts, f"text states ({len(todo)})", total=len(starts)):
             chunk = todo[i : i + self.batch_size]
             for t, s in zip(chunk, model.text_states(chunk).cpu(), strict=True):
-                self._states[t] = s
+                known[t] = s
         if not texts:
             return torch.zeros(0, model.hidden_size)
-        return torch.stack([self._states[t] for t in texts])
+        return torch.stack([known[t] for t in texts])

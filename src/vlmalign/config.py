@@ -188,6 +188,10 @@ class DataConfig:
     short_max_tokens: int = 30
     long_min_tokens: int = 30
     long_max_tokens: int = 500
+    # discriminative recipe: the long captions' next-token loss conditioned on the image
+    # embedding prompt (`[prompt with <image>] long caption <eos>`, soft prompts included),
+    # as VladVA trains it; off: `[<image> x Q] long caption <eos>` (LLaVA stage 1).
+    long_caption_prompted: bool = False
     # Abort (before training) when more than this share of records was skipped as bad.
     max_skip_fraction: float = 0.5
     # Image paths in data files must stay inside the data root unless this is on.

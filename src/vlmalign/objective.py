@@ -89,14 +89,14 @@ def _vector_scalars(state_dict: dict, prefix: str, *args) -> None:
 
 def next_token_part(
     model: VLM, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor,
-    head_at_labels: bool = True, state_at: int | None = None,
+    head_at_labels: bool = True, state_at: int | None = None, soft_mask: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-token mean next-token loss of spliced sequences [B, T] with visual tokens
     [B, Q, D]: ({"ntp_loss", "ntp_tokens"}, the final state at position `state_at` [B, D]
     or None). The model gives the states and the LM head; losses.next_token_loss applies
     the head at label positions only (`head_at_labels`), losses.full_vocab_next_token_loss
-    on every position."""
-    hidden, cut = model.sequence_states(input_ids, attention_mask, labels, visual)  # [B, T - cut, D]
+    on every position. `soft_mask` [B, T]: soft-prompt positions of prompted captions."""
+    hidden, cut = model.sequence_states(input_ids, attention_mask, labels, visual, soft_mask)  # [B, T - cut, D]
     weight, bias, softcap = model.output_head()
     loss_fn = losses.next_token_loss if head_at_labels else losses.full_vocab_next_token_loss
     parts = loss_fn(hidden, labels[:, cut:], weight, bias, logit_softcap=softcap)
@@ -224,7 +224,8 @@ class Objective(nn.Module):
         rows = batch.get("ntp_rows")
         ntp_visual = visual if rows is None else visual[rows.to(visual.device)]
         return next_token_part(model, batch["input_ids"], batch["attention_mask"], batch["labels"], ntp_visual,
-                               head_at_labels=self.cfg.head_at_labels, state_at=self.shared_state_at(model, batch))
+                               head_at_labels=self.cfg.head_at_labels, state_at=self.shared_state_at(model, batch),
+                               soft_mask=batch.get("soft_mask"))
 
     def representations(
         self, model: VLM, batch: dict, visual: Tensor | None = None, image_state: Tensor | None = None

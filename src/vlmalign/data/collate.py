@@ -70,7 +70,8 @@ class CaptionCollator:
     """Builds a batch dict: input_ids, attention_mask, labels [B, T]; caption_ids,
     caption_mask [B, Tc]; features or pixel_values; text_states when cached; captions.
     With `prompt` (prompted format) it also holds `prompt_state_at`: the position (same in
-    every row) of the last prompt token, whose final hidden state is the image embedding."""
+    every row) of the last prompt token, whose final hidden state is the image embedding,
+    and, with soft prompts, `soft_mask` [B, T] (where the learned prompt vectors go)."""
 
     tokenizer: object
     image_token_id: int
@@ -110,6 +111,9 @@ class CaptionCollator:
         }
         if self.prompt is not None:
             batch["prompt_state_at"] = len(image) - 1  # last prompt token, before the caption
+            soft = self.prompt.soft_mask(self.num_visual_tokens)
+            if soft:  # soft prompts: where their vectors go (same positions in every row)
+                batch["soft_mask"] = torch.tensor([soft + [False] * (t - len(soft))] * len(seqs))
         for key, out in (("features", "features"), ("pixel_values", "pixel_values"), ("text_state", "text_states")):
             if key in items[0]:
                 batch[out] = torch.stack([it[key] for it in items])

@@ -20,6 +20,7 @@ from vlmalign.config import DataConfig
 from vlmalign.data.collate import CaptionCollator
 from vlmalign.data.images import load_image
 from vlmalign.data.sample import LoadReport, Sample
+from vlmalign.models.prompts import CaptionPrompt
 
 
 @dataclass
@@ -86,10 +87,15 @@ class ShortLongDataset(Dataset):
 class ShortLongCollator:
     """A batch of images with two row subsets: `ntp_rows` [B_long] with the long captions'
     input_ids, attention_mask, labels [B_long, T] (`[<image> x Q] caption <eos>`), and
-    `emb_rows` [B_short] with the short `captions` (and `text_states` when cached)."""
+    `emb_rows` [B_short] with the short `captions` (and `text_states` when cached).
 
-    def __init__(self, tokenizer, image_token_id: int, num_visual_tokens: int, max_long_tokens: int) -> None:
-        self.sequences = CaptionCollator(tokenizer, image_token_id, num_visual_tokens, max_long_tokens)
+    With `prompt` (`data.long_caption_prompted`, VladVA) the long captions continue the
+    image embedding prompt instead: `[prompt around <image> x Q] caption <eos>`, with
+    `soft_mask` where soft prompts go."""
+
+    def __init__(self, tokenizer, image_token_id: int, num_visual_tokens: int, max_long_tokens: int,
+                 prompt: CaptionPrompt | None = None) -> None:
+        self.sequences = CaptionCollator(tokenizer, image_token_id, num_visual_tokens, max_long_tokens, prompt)
 
     @property
     def truncated(self) -> int:
@@ -106,7 +112,7 @@ class ShortLongCollator:
         batch["emb_rows"] = torch.tensor(short_rows, dtype=torch.long)
         if long_rows:
             seq = self.sequences([{"index": r, "caption": items[r]["long"]} for r in long_rows])
-            batch |= {k: seq[k] for k in ("input_ids", "attention_mask", "labels")}
+            batch |= {k: seq[k] for k in ("input_ids", "attention_mask", "labels", "soft_mask") if k in seq}
         batch["captions"] = [items[r]["short"] for r in short_rows]
         if short_rows and "text_state" in items[short_rows[0]]:
             batch["text_states"] = torch.stack([items[r]["text_state"] for r in short_rows])

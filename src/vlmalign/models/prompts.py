@@ -26,10 +26,23 @@ class CaptionPrompt:
     """Token ids around the visual tokens in the "prompted" caption format: `before`
     (chat head + template text before `<image>`) and `after` (template text after it + the
     chat tail up to the generation prompt). `VLM.caption_prompt()` builds it from the image
-    embedding template, so the caption continues exactly the image embedding prompt."""
+    embedding template, so the caption continues exactly the image embedding prompt.
+    With soft prompts, `soft_before` / `soft_after` flag the positions of `before` /
+    `after` that hold the template's text (the learned vectors go there, as in the
+    embedding pass); empty: no soft positions."""
 
     before: tuple[int, ...]
     after: tuple[int, ...]
+    soft_before: tuple[bool, ...] = ()
+    soft_after: tuple[bool, ...] = ()
+
+    def soft_mask(self, num_visual_tokens: int) -> list[bool]:
+        """Which positions of `[before][<image> x Q][after]` hold soft-prompt vectors."""
+        if not self.soft_before and not self.soft_after:
+            return []
+        before = list(self.soft_before) or [False] * len(self.before)
+        after = list(self.soft_after) or [False] * len(self.after)
+        return [*before, *[False] * num_visual_tokens, *after]
 
 
 def render_prompt(

@@ -253,7 +253,11 @@ class VLM(nn.Module):
         if fmt == "plain":
             return None
         t = self.image_template
-        return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
+        if self.image_soft is None:
+            return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
+        return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail),
+                             soft_before=(False,) * len(t.head) + (True,) * len(t.before),
+                             soft_after=(True,) * len(t.after) + (False,) * len(t.tail))
 
     def prefix_cut(self, input_ids: Tensor, labels: Tensor, use_cache: bool | None = None) -> int:
         """How many leading tokens of every row equal the cached image-prompt prefix and can
@@ -274,7 +278,8 @@ class VLM(nn.Module):
         return self.cfg.llm.prefix_kv and self.llm_frozen()
 
     def sequence_states(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Tensor,
+        soft_mask: Tensor | None = None,
     ) -> tuple[Tensor, int]:
         """Final hidden states of spliced sequences [B, T] (captions, conversations) and
         the number of leading positions they leave out: (hidden [B, T - cut, D], cut).
@@ -282,10 +287,14 @@ class VLM(nn.Module):
         Sequences that start with the image prompt's constant prefix (the "prompted"
         caption format) continue its cached keys/values (`prefix_cut`; exact, the prefix
         holds no label), so hidden[:, t] is the state of position cut + t. `labels` [B, T]
-        only decide the cut."""
+        only decide the cut. `soft_mask` [B, T] (prompted captions with soft prompts,
+        `CaptionPrompt.soft_mask`): where the image prompt's learned vectors go."""
         cut = self.prefix_cut(input_ids, labels)
         prefix = self._image_prefix if cut else None
-        return self.hidden_states(input_ids[:, cut:], attention_mask[:, cut:], visual, prefix), cut
+        if soft_mask is None or self.image_soft is None or not bool(soft_mask.any()):
+            return self.hidden_states(input_ids[:, cut:], attention_mask[:, cut:], visual, prefix), cut
+        embeds = self.image_soft.scatter(self.splice(input_ids[:, cut:], visual), soft_mask[:, cut:].to(input_ids.device))
+        return self.decode(embeds, attention_mask[:, cut:], prefix), cut
 
     def output_head(self) -> tuple[Tensor, Tensor | None, float | None]:
         """The LM head as tensors: (weight [V, D], bias [V] or None, final-logit softcap or

@@ -173,6 +173,14 @@ def _build_conversations(model: VLM, objective: Objective, data: TrainData, cfg:
     return TrainSet(dataset, ConversationCollator(model.tokenizer), lengths, lambda: n_truncated)
 
 
+def short_long_collator(model: VLM, cfg: Config) -> ShortLongCollator:
+    """The short/long batcher; long captions continue the image embedding prompt when
+    `data.long_caption_prompted` is on."""
+    prompt = model.caption_prompt("prompted") if cfg.data.long_caption_prompted else None
+    return ShortLongCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens,
+                             cfg.data.long_max_tokens, prompt)
+
+
 def _build_short_long(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
     keep, captions = split_captions(data.records, model.tokenizer, cfg.data, data.report)
     if not keep:
@@ -186,7 +194,7 @@ def _build_short_long(model: VLM, objective: Objective, data: TrainData, cfg: Co
         full[[i for i, c in enumerate(captions) if c.short]] = states
         states = full
     dataset = ShortLongDataset(captions, images, features, states, model.preprocess)
-    collator = ShortLongCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.long_max_tokens)
+    collator = short_long_collator(model, cfg)
     lengths = [len(model.tokenizer(c.long or c.short, add_special_tokens=False).input_ids) for c in captions]
     return TrainSet(dataset, collator, lengths, lambda: collator.truncated)
 
@@ -282,7 +290,7 @@ def _stream_short_long(model: VLM, objective: Objective | None, cfg: Config, str
     _set_mean_from_stream(model, cfg, lambda s: [c.short] if (c := split(s, LoadReport())) and c.short else [],
                           "captions")
     stream.transform = to_item
-    collator = ShortLongCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.long_max_tokens)
+    collator = short_long_collator(model, cfg)
     return TrainSet(stream, collator, [], lambda: collator.truncated, stream=stream)
 
 
