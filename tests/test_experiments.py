@@ -173,3 +173,23 @@ def test_an_aligned_ntp_projector_carries_image_information(tmp_path):
     run = train(cfg)
     got = image_information(run.model, EvalData.prepare(run.model, cfg, benchmarks=False), cfg)
     assert got["image_information_gap"] > 0.05, got
+
+
+def test_caption_format_study_trains_each_format_and_reports_both_caption_losses(tmp_path):
+    out = tmp_path / "caption-format"
+    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "--", "caption-format", "llm.name=tiny",
+                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    recs = {r["variant"]: r for r in summary["records"]}
+    assert list(recs) == ["plain", "prompted"]
+    import yaml
+
+    for fmt in ("plain", "prompted"):
+        cfg = yaml.safe_load((out / "runs" / f"{fmt}-seed0" / "config.yaml").read_text())
+        assert cfg["data"]["caption_format"] == fmt
+        m = recs[fmt]["metrics"]
+        assert m["caption_loss_plain"] > 0 and m["caption_loss_prompted"] > 0
+    # the two formats are different sequences: their held-out losses differ
+    assert recs["plain"]["metrics"]["caption_loss_plain"] != recs["plain"]["metrics"]["caption_loss_prompted"]
+    assert {c["id"] for c in summary["claims"]} == {"prompted-costs-retrieval", "prompted-costs-comp",
+                                                    "prompted-costs-captioning", "prompted-is-faster"}

@@ -362,17 +362,20 @@ def _caption_tokens(model: VLM, texts: list[str], max_tokens: int) -> tuple[Tens
 
 
 @torch.no_grad()
-def heldout_ntp_loss(model: VLM, data: EvalData, cfg: Config, batch_size: int = 32) -> float:
-    """Token-weighted mean next-token loss of the held-out captions given their images."""
+def heldout_ntp_loss(model: VLM, data: EvalData, cfg: Config, batch_size: int = 32, fmt: str | None = None) -> float:
+    """Token-weighted mean next-token loss of the held-out captions given their images, in
+    caption format `fmt` (default: the model's training format)."""
     collate = CaptionCollator(model.tokenizer, model.image_token_id, model.num_visual_tokens, cfg.data.max_caption_tokens,
-                              prompt=model.caption_prompt())  # the training format
+                              prompt=model.caption_prompt(fmt))
     total, tokens = 0.0, 0
     dev = model.projector_device()
     for i in range(0, len(data.captions), batch_size):
         caps = data.captions[i : i + batch_size]
         b = collate([{"index": j, "caption": c} for j, c in enumerate(caps)])
         visual = model.visual_tokens(features=data.features[data.text_to_image[i : i + batch_size]].to(dev))
-        out, _ = next_token_part(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev), visual)
+        soft = b["soft_mask"].to(dev) if "soft_mask" in b else None
+        out, _ = next_token_part(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev), visual,
+                                 soft_mask=soft)
         n = int(out["ntp_tokens"])
         total += float(out["ntp_loss"]) * n
         tokens += n

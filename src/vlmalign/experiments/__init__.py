@@ -11,4 +11,6 @@ EXPERIMENTS: dict[str, tuple[str, str, str]] = {
     "ak": ("vlmalign.experiments.ak", "run_ak", "Ak et al.: align vs align-clip, each then instruction-tuned"),
     "prompts": ("vlmalign.experiments.prompts", "run_prompt_training",
                 "Ak et al.: align-clip trained with each embedding prompt (--checkpoint: evaluate one model)"),
+    "caption-format": ("vlmalign.experiments.caption_format", "run_caption_format",
+                       "align-clip with plain vs prompted captions: does the cheaper shared-pass step cost quality?"),
 }
