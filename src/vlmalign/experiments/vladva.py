@@ -311,7 +311,7 @@ def sweep_experiment(s: dict, out: Path, llm: str, tower: str, extra: list[str],
     variants = []
     for name in ARM_NAMES:
         for lr in s["lrs"]:
-            v = _arm(name, lr, "sweep-", text_tower)
+            v = _arm(name, lr, f"sweep-lr{lr:g}-", text_tower)
             variants.append(Variant(f"{name} @ {lr:g}", v.run, v.description))
     return Experiment(
         name="vladva-sweep", title="VladVA: learning-rate sweep (validation split)", variants=variants,
