@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from vlmalign import cache
 from vlmalign.config import Config, ConfigError, _update, load_config, parse_overrides, replace
 from vlmalign.data.images import load_image
+from vlmalign.data.records import ImageProbes, take
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.splits import subsample, train_samples
 from vlmalign.eval.evaluate import METRICS_NAME, EvalData, comparison_table, embedding_metrics
@@ -349,7 +350,8 @@ def train_clip_baseline(
         samples = subsample(samples, cfg.data.data_fraction, cfg.data.fraction_seed)
     cached = None
     if cfg.vision.frozen:
-        cached, samples = cache.tower_features(model, samples, report=report)  # [N, Dv]
+        cached, kept = cache.tower_features(model, ImageProbes(samples), report=report)  # [N, Dv]
+        samples = take(samples, [p.index for p in kept])  # the records stay compact (data/records.py)
     if report.total_skipped():
         console.print(f"[yellow]data: {report.summary()}")
     if len(samples) < 2:

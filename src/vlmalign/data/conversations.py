@@ -59,6 +59,7 @@ from vlmalign.data.formats import (
     resolve_image_path,
 )
 from vlmalign.data.images import load_image
+from vlmalign.data.records import RecordCodec, RecordStore, Tables
 from vlmalign.data.sample import LoadReport
 from vlmalign.models.language import IMAGE_TOKEN
 
@@ -87,6 +88,29 @@ class Conversation:
         """The turns as chat-template messages `[{"role", "content"}]`."""
         msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return msgs + [{"role": r, "content": t} for r, t in self.turns]
+
+
+def _alternating(roles: list[str] | tuple[str, ...]) -> bool:
+    return all(role == ("user" if k % 2 == 0 else "assistant") for k, role in enumerate(roles))
+
+
+def _encode_conversation(c: Conversation, tables: Tables) -> tuple:
+    roles = tuple(role for role, _ in c.turns)
+    texts = tuple(tables.text_ref(text) for _, text in c.turns)
+    return (c.id, tables.image_ref(c.image), texts, None if _alternating(roles) else roles, c.meta or None)
+
+
+def _decode_conversation(t: tuple, tables: Tables) -> Conversation:
+    rec_id, image, texts, roles, meta = t
+    if roles is None:  # user, assistant, user, ... as every loaded conversation
+        roles = ["user" if k % 2 == 0 else "assistant" for k in range(len(texts))]
+    turns = [(role, tables.text(text)) for role, text in zip(roles, texts, strict=True)]
+    return Conversation(id=rec_id, image=tables.image(image), turns=turns, meta=meta or {})
+
+
+# A conversation in a `RecordStore`: its roles only when they do not alternate from the
+# user, its texts through the shared table (LLaVA's recurring prompts stored once).
+CONVERSATION_CODEC = RecordCodec(Conversation, _encode_conversation, _decode_conversation)
 
 
 class ConversationLoadReport(LoadReport):
@@ -211,7 +235,7 @@ def load_conversations(
     check_images: bool = False,
     allow_text_only: bool = True,
     allow_outside_root: bool = False,
-) -> list[Conversation]:
+) -> RecordStore[Conversation]:
     """Load LLaVA-format conversations (see the module docstring for the format).
 
     Relative image paths resolve against `image_root` (default: the file's folder), the
@@ -221,9 +245,11 @@ def load_conversations(
     `"{file stem}-{index}"`, a repeated id becomes `"{id}#2"`. Raises
     FileNotFoundError if `path` is missing and ValueError if a `.json` file is not a
     valid UTF-8 JSON list (naming the position) or holds no conversation records. The
-    file is parsed one record at a time (`iter_conversations`).
+    file is parsed one record at a time (`iter_conversations`) and the conversations kept
+    in a compact `RecordStore` (data/records.py), a read-only sequence.
     """
-    return list(iter_conversations(path, image_root, report, check_images, allow_text_only, allow_outside_root))
+    convs = iter_conversations(path, image_root, report, check_images, allow_text_only, allow_outside_root)
+    return RecordStore.build(convs, CONVERSATION_CODEC)
 
 
 def iter_conversations(

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .images import BadImageError, load_image
+from .records import SAMPLE_CODEC, RecordStore
 from .sample import CompositionalItem, LoadReport, Sample
 
 CAPTION_KEYS = ("caption", "short_caption", "long_caption")
@@ -431,7 +432,7 @@ def load_captions_jsonl(
     report: LoadReport | None = None,
     check_images: bool = False,
     allow_outside_root: bool = False,
-) -> list[Sample]:
+) -> RecordStore[Sample]:
     """Load image-caption pairs from a JSONL file, one JSON object per line.
 
     A line is `{"image": path, "caption": str}`, optionally with `short_caption`,
@@ -442,9 +443,11 @@ def load_captions_jsonl(
     `allow_outside_root`. Bad lines are skipped and counted in `report`, duplicate ids
     renamed (see the module docstring); blank lines are ignored. With
     `check_images=True` every image is decoded once. Raises FileNotFoundError if `path`
-    does not exist, ValueError if it is UTF-16/32.
+    does not exist, ValueError if it is UTF-16/32. The samples are kept in a compact
+    `RecordStore` (data/records.py), a read-only sequence.
     """
-    return list(iter_captions_jsonl(path, image_root, caption_field, report, check_images, allow_outside_root))
+    samples = iter_captions_jsonl(path, image_root, caption_field, report, check_images, allow_outside_root)
+    return RecordStore.build(samples, SAMPLE_CODEC)
 
 
 def iter_captions_jsonl(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from vlmalign.config import DataConfig
-from vlmalign.data.conversations import Conversation, iter_conversations
+from vlmalign.data.conversations import CONVERSATION_CODEC, Conversation, iter_conversations
 from vlmalign.data.formats import iter_captions_jsonl, load_captions_jsonl, load_sugarcrepe
+from vlmalign.data.records import RecordStore, take
 from vlmalign.data.sample import CompositionalItem, DataPathError, LoadReport, Sample
 
 log = logging.getLogger(__name__)
@@ -173,12 +176,14 @@ def heldout_indices(n: int, cfg: DataConfig) -> list[int]:
     return sorted(order[:k])
 
 
-def _split_heldout(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:
-    held = set(heldout_indices(len(samples), cfg))
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+def _split_heldout(samples: Sequence[Sample], cfg: DataConfig) -> tuple[Sequence[Sample], Sequence[Sample]]:
+    held = heldout_indices(len(samples), cfg)
+    rest = np.ones(len(samples), dtype=bool)
+    rest[held] = False
+    return take(samples, np.flatnonzero(rest)), take(samples, held)
 
 
-def train_samples(cfg: DataConfig, report: LoadReport | None = None, holdout: bool = True) -> list[Sample]:
+def train_samples(cfg: DataConfig, report: LoadReport | None = None, holdout: bool = True) -> RecordStore[Sample]:
     """Training pairs of `data.train_file` (default the layout's train.jsonl); without an
     eval file the held-out split (`heldout_indices`) is left out unless `holdout=False`."""
     root = ensure_data(cfg)
@@ -199,7 +204,7 @@ def iter_all_train_samples(cfg: DataConfig, report: LoadReport | None = None) ->
                                    report=report, allow_outside_root=cfg.allow_outside_root)
 
 
-def eval_samples(cfg: DataConfig, report: LoadReport | None = None) -> list[Sample]:
+def eval_samples(cfg: DataConfig, report: LoadReport | None = None) -> Sequence[Sample]:
     """Held-out pairs: `data.eval_file`, else the held-out split of the user's training
     file (`holds_out`), else the shapes layout's test.jsonl; at most
     `data.eval_max_samples`. Empty for a user's data with neither."""
@@ -241,25 +246,26 @@ def compositional_items(cfg: DataConfig, report: LoadReport | None = None) -> li
     return items
 
 
-def subsample(records: list[T], fraction: float, seed: int) -> list[T]:
+def subsample(records: Sequence[T], fraction: float, seed: int) -> Sequence[T]:
     """A seeded random subset of round(fraction * N) records (at least 1), in their
     original order: the same (records, fraction, seed) always gives the same subset, and
-    a smaller fraction's subset is contained in a larger one's."""
+    a smaller fraction's subset is contained in a larger one's. A `RecordStore` gives a
+    store over the same bytes, a list a list."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"data.data_fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0 or not records:
-        return list(records)
+        return records[:]
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    keep = sorted(order[: max(1, round(fraction * len(records)))])
-    return [records[i] for i in keep]
+    return take(records, sorted(order[: max(1, round(fraction * len(records)))]))
 
 
-def train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> list[Conversation]:
+def train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> RecordStore[Conversation]:
     """Instruction conversations from `data.train_file` (comma-separated files, relative
-    to the root) or, by default, the shapes layout's instruct files; text-only records
-    are skipped (every row of a VLM batch needs its image)."""
-    return list(iter_train_conversations(cfg, report))
+    to the root) or, by default, the shapes layout's instruct files, in one compact
+    `RecordStore` (data/records.py); text-only records are skipped (every row of a VLM
+    batch needs its image)."""
+    return RecordStore.build(iter_train_conversations(cfg, report), CONVERSATION_CODEC)
 
 
 def iter_train_conversations(cfg: DataConfig, report: LoadReport | None = None) -> Iterator[Conversation]:

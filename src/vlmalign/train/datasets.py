@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,7 @@ from vlmalign.data.conversations import (
     TemplateMismatchError,
     encode_conversation,
 )
+from vlmalign.data.records import Column, ImageProbes, take
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.shards import ShardStream
 from vlmalign.data.short_long import ShortLong, ShortLongCollator, ShortLongDataset, split_captions
@@ -63,7 +64,7 @@ class TrainData:
     several recipes trained on the same backbone (the demo)."""
 
     kind: str
-    records: list  # Samples or Conversations
+    records: Sequence  # Samples or Conversations: a RecordStore as loaded (data/records.py), or a list
     features: torch.Tensor | None
     text_cache: cache.TextStateCache
     report: LoadReport = field(default_factory=LoadReport)
@@ -84,9 +85,9 @@ class TrainData:
         features = None
         if cfg.train.cache_vision_features and cfg.vision.frozen:
             t = time.perf_counter()
-            probes = [Sample(id=str(i), image=r.image) for i, r in enumerate(records)]
-            features, kept = cache.tower_features(model, probes, report=report)
-            records = [records[int(p.id)] for p in kept]
+            # one small probe per record, not a Sample with its Path: the records stay compact
+            features, kept = cache.tower_features(model, ImageProbes(records), report=report)
+            records = take(records, [p.index for p in kept])
             log.info("cached tower features for %d images in %.1f s", len(records), time.perf_counter() - t)
         if report.total_skipped():
             console.print(f"[yellow]data: {report.summary()}")
@@ -119,7 +120,7 @@ class DataKind:
 DATA_KINDS: Registry[DataKind] = Registry("training data kind")
 
 
-def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text_cache: cache.TextStateCache,
+def prepare_text_states(model: VLM, objective: Objective, texts: Sequence[str], text_cache: cache.TextStateCache,
                         cfg: Config) -> torch.Tensor | None:
     """Cached prompted text states of the training texts when the contrastive loss needs
     them and nothing on the text path trains ([N, D], or None); estimates the centring mean
@@ -141,7 +142,7 @@ def prepare_text_states(model: VLM, objective: Objective, texts: list[str], text
 
 
 def _build_captions(model: VLM, objective: Objective, data: TrainData, cfg: Config) -> TrainSet:
-    text_states = prepare_text_states(model, objective, [s.caption for s in data.records], data.text_cache, cfg)
+    text_states = prepare_text_states(model, objective, Column(data.records, "caption"), data.text_cache, cfg)
     dataset = CaptionDataset(data.records, data.features, text_states, model.preprocess)
     collator = _caption_collator(model, cfg)
     lengths = [len(collator.caption_ids(s.caption)) for s in data.records]
@@ -185,7 +186,7 @@ def _build_short_long(model: VLM, objective: Objective, data: TrainData, cfg: Co
     keep, captions = split_captions(data.records, model.tokenizer, cfg.data, data.report)
     if not keep:
         raise ValueError(f"no sample has a short or long caption: {data.report.summary()}")
-    images = [data.records[i].image for i in keep]
+    images = Column(data.records, "image", keep)  # read per item, not a list of every path
     features = data.features[keep] if data.features is not None else None
     shorts = [c.short for c in captions if c.short]
     states = prepare_text_states(model, objective, shorts, data.text_cache, cfg) if shorts else None
