@@ -189,7 +189,9 @@ def test_caption_format_study_trains_each_format_and_reports_both_caption_losses
         assert cfg["data"]["caption_format"] == fmt
         m = recs[fmt]["metrics"]
         assert m["caption_loss_plain"] > 0 and m["caption_loss_prompted"] > 0
+        assert m["caption_loss_own"] == m[f"caption_loss_{fmt}"]
     # the two formats are different sequences: their held-out losses differ
     assert recs["plain"]["metrics"]["caption_loss_plain"] != recs["plain"]["metrics"]["caption_loss_prompted"]
     assert {c["id"] for c in summary["claims"]} == {"prompted-costs-retrieval", "prompted-costs-comp",
-                                                    "prompted-costs-captioning", "prompted-is-faster"}
+                                                    "prompted-costs-captioning", "prompted-costs-plain-captioning",
+                                                    "prompted-is-faster"}
