@@ -110,14 +110,19 @@ def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
     assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval"}
 
 
+def _quick_study(tmp_path, name: str) -> tuple:
+    """`vlmalign experiment --quick NAME` on tiny models, seed 0: (out, summary, records by arm)."""
+    out = tmp_path / name
+    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "--", name, "llm.name=tiny",
+                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    return out, summary, {r["variant"]: r for r in summary["records"]}
+
+
 def test_prompt_study_trains_one_model_per_prompt(tmp_path):
     from vlmalign.experiments.prompts import PROMPTS
 
-    out = tmp_path / "prompts"
-    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "--", "prompts", "llm.name=tiny",
-                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2"]) == 0
-    summary = json.loads((out / "results.json").read_text())
-    recs = {r["variant"]: r for r in summary["records"]}
+    out, _, recs = _quick_study(tmp_path, "prompts")
     assert list(recs) == [p[0] for p in PROMPTS] and len(PROMPTS) >= 3
     assert recs["no instruction"]["extra"]["text_prompt"] == "<sent>"
     # each model trained under its own prompt (the saved config of its run says so)
@@ -176,11 +181,7 @@ def test_an_aligned_ntp_projector_carries_image_information(tmp_path):
 
 
 def test_caption_format_study_trains_each_format_and_reports_both_caption_losses(tmp_path):
-    out = tmp_path / "caption-format"
-    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "--", "caption-format", "llm.name=tiny",
-                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2"]) == 0
-    summary = json.loads((out / "results.json").read_text())
-    recs = {r["variant"]: r for r in summary["records"]}
+    out, summary, recs = _quick_study(tmp_path, "caption-format")
     assert list(recs) == ["plain", "prompted"]
     import yaml
 
