@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="reproduce a paper's claim in miniature on shapes")
     x.add_argument("name", help="vladva (VladVA), data-efficiency (CG-VLM), ak (Ak et al.), prompts (Ak et al.'s "
-                   "prompt study); docs/experiments.md")
+                   "prompt study), caption-format (plain vs prompted captions in align-clip); docs/experiments.md")
     x.add_argument("--checkpoint", default=None, help="prompts: evaluate this checkpoint under each prompt (no training)")
     x.add_argument("--quick", action="store_true", help="small sizes: a smoke run (under 3 minutes)")
     x.add_argument("--report-only", action="store_true",
