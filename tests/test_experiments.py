@@ -196,3 +196,11 @@ def test_caption_format_study_trains_each_format_and_reports_both_caption_losses
     assert {c["id"] for c in summary["claims"]} == {"prompted-costs-retrieval", "prompted-costs-comp",
                                                     "prompted-costs-captioning", "prompted-costs-plain-captioning",
                                                     "prompted-is-faster"}
+
+
+def test_vladva_sweep_judges_each_arm_highest_rate_against_its_lowest():
+    from vlmalign.experiments.vladva import ARM_NAMES, sweep_claims
+
+    claims = sweep_claims([2e-4, 1e-3, 5e-4])
+    assert [(c.better, c.worse) for c in claims] == [(f"{n} @ 0.001", f"{n} @ 0.0002") for n in ARM_NAMES]
+    assert sweep_claims([1e-3]) == []  # one rate: no sweep, nothing to judge

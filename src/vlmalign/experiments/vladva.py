@@ -317,9 +317,20 @@ def sweep_experiment(s: dict, out: Path, llm: str, tower: str, extra: list[str],
         name="vladva-sweep", title="VladVA: learning-rate sweep (validation split)", variants=variants,
         seeds=[s["sweep_seed"]], setup=_setup(ss, out, llm, tower, extra, split="val"),
         metrics=[Metric("t2i_R@1", "val text->image R@1", 100.0 / s["eval"]), Metric("comp", "val compositional", 50.0)],
+        claims=sweep_claims(s["lrs"]),
         settings={"sizes": ss, "llm": llm, "tower": tower, "extra": extra, "text_tower": text_tower},
         data_files=lambda: [out / "shapes" / "train.jsonl", out / "shapes" / "val.jsonl"],
     )
+
+
+def sweep_claims(lrs: list[float]) -> list[stats.Claim]:
+    """Per arm, whether its highest rate of the grid beats its lowest on validation R@1:
+    "inconclusive" says the sweep could not tell the rates apart (its choice is then noise)."""
+    if len(lrs) < 2:
+        return []
+    hi, lo = f"{max(lrs):g}", f"{min(lrs):g}"
+    return [stats.Claim(f"lr-{_slug(name)}", f"{name}: lr {hi} beats lr {lo} (val text->image R@1)", "t2i_R@1",
+                        f"{name} @ {hi}", f"{name} @ {lo}", 0.0, paper="the sweep's choice") for name in ARM_NAMES]
 
 
 def parse_sizes(overrides: list[str]) -> dict[str, Any]:
