@@ -252,12 +252,10 @@ class VLM(nn.Module):
             raise ValueError(f"data.caption_format={fmt!r}; choose one of {', '.join(CAPTION_FORMATS)}")
         if fmt == "plain":
             return None
-        t = self.image_template
-        if self.image_soft is None:
-            return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail))
+        t, soft = self.image_template, self.image_soft is not None
         return CaptionPrompt(before=(*t.head, *t.before), after=(*t.after, *t.tail),
-                             soft_before=(False,) * len(t.head) + (True,) * len(t.before),
-                             soft_after=(True,) * len(t.after) + (False,) * len(t.tail))
+                             soft_before=((False,) * len(t.head) + (True,) * len(t.before)) if soft else (),
+                             soft_after=((True,) * len(t.after) + (False,) * len(t.tail)) if soft else ())
 
     def prefix_cut(self, input_ids: Tensor, labels: Tensor, use_cache: bool | None = None) -> int:
         """How many leading tokens of every row equal the cached image-prompt prefix and can
