@@ -97,3 +97,42 @@ def test_accumulation_stays_exact_with_the_shared_pass(tiny_cfg):
     assert set(full) == set(acc) and full
     for name, g in full.items():
         assert torch.allclose(acc[name], g, atol=1e-5, rtol=1e-4), (name, (acc[name] - g).abs().max())
+
+
+def test_shared_pass_with_soft_prompts_equals_separate_passes(tiny_cfg, monkeypatch):
+    """With learned image prompt vectors the prompted caption carries them (`soft_mask`), so
+    the shared pass gives the separate passes' losses and gradients, the soft vectors'
+    included; without them in the caption the state would differ."""
+    cfg = tiny_cfg("align-clip", "embedding.soft_prompts=true")
+    torch.manual_seed(0)
+    m = VLM.build(cfg)
+    apply_recipe(m, RECIPES.get("align-clip"))
+    m.set_embedding_mean(torch.zeros(1, m.hidden_size))
+    objective = Objective(cfg.objective)
+    b = _prompted_batch(m)
+    assert b["soft_mask"].any()
+    b["features"] = torch.randn(len(CAPTIONS), m.vision.num_patches, m.vision.hidden_size)
+    with torch.no_grad():  # move the learned vectors off the handcrafted prompt's embeddings
+        m.image_soft.vectors.add_(0.5 * torch.randn_like(m.image_soft.vectors))
+
+    def loss_and_grads(batch):
+        m.zero_grad()
+        loss, parts = objective(m, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return parts, grads
+
+    assert objective.shared_state_at(m, b) is not None
+    calls = []
+    monkeypatch.setattr(m, "image_states", lambda v: calls.append(1) or VLM.image_states(m, v))
+    shared, g_shared = loss_and_grads(b)
+    assert calls == []
+    separate, g_sep = loss_and_grads({k: v for k, v in b.items() if k != "prompt_state_at"})
+    assert calls == [1]
+    assert abs(float(shared["clip_loss"].detach()) - float(separate["clip_loss"].detach())) < 1e-5
+    assert set(g_shared) == set(g_sep) and "image_soft.vectors" in g_shared
+    for name, g in g_shared.items():
+        assert torch.allclose(g, g_sep[name], atol=1e-5, rtol=1e-4), name
+    # Without the soft vectors in the caption sequence the shared state is another one.
+    wrong, _ = loss_and_grads(b | {"soft_mask": torch.zeros_like(b["soft_mask"])})
+    assert abs(float(wrong["clip_loss"].detach()) - float(separate["clip_loss"].detach())) > 1e-4

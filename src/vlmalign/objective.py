@@ -206,9 +206,13 @@ class Objective(nn.Module):
     def shared_state_at(self, model: VLM, batch: dict) -> int | None:
         """Position of the prompted image state inside the next-token sequences when one
         pass can serve both losses (`objective.shared_pass`, prompted captions, every row in
-        both, no image soft prompt); None otherwise (the embedding then takes its own pass)."""
+        both); None otherwise (the embedding then takes its own pass). With an image soft
+        prompt the caption sequence carries its vectors at the prompt's positions
+        (`soft_mask`), so the state is the same either way."""
         at = batch.get("prompt_state_at")
-        if at is None or not self.cfg.shared_pass or not self.uses_embeddings or model.image_soft is not None:
+        if at is None or not self.cfg.shared_pass or not self.uses_embeddings:
+            return None
+        if model.image_soft is not None and batch.get("soft_mask") is None:
             return None
         if batch.get("ntp_rows") is not None or batch.get("emb_rows") is not None:
             return None
