@@ -65,9 +65,9 @@ def study() -> Study:
         ],
         metrics=[Metric("caption_loss_own", "held-out caption loss, the arm's own format", None,
                         lower_is_better=True, unit=""),
-                 Metric("caption_loss_plain", f"held-out caption loss, plain format", None,
+                 Metric("caption_loss_plain", "held-out caption loss, plain format", None,
                         lower_is_better=True, unit=""),
-                 Metric("caption_loss_prompted", f"held-out caption loss, prompted format", None,
+                 Metric("caption_loss_prompted", "held-out caption loss, prompted format", None,
                         lower_is_better=True, unit="")],
         measure=caption_losses,
     )
