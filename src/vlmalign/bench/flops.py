@@ -125,7 +125,8 @@ def step_passes(model: VLM, objective: Objective, batch: dict, ideal: bool = Fal
         head = n_labels if head_at_labels else ids.shape[0] * (ids.shape[1] - cut)
         out.append(_pass(mask, cut, head, backward=True))
         at = batch.get("prompt_state_at")
-        shared = (ideal and at is not None and objective.uses_embeddings and model.image_soft is None
+        soft_ok = model.image_soft is None or batch.get("soft_mask") is not None
+        shared = (ideal and at is not None and objective.uses_embeddings and soft_ok
                   and batch.get("ntp_rows") is None and batch.get("emb_rows") is None
                   ) or objective.shared_state_at(model, batch) is not None
     if objective.uses_embeddings:
