@@ -109,6 +109,16 @@ def _pass(mask: Tensor, cut: int, head: int, backward: bool) -> Pass:
                 head=head, backward=backward)
 
 
+def _cut(prefix) -> int:
+    return len(prefix.ids) if prefix is not None else 0
+
+
+def _with_prefix(mask: Tensor, prefix) -> Tensor:
+    """An embedding prompt's mask [B, T] (`VLM.prompt_batch`, without the cached prefix's
+    columns) with those columns in front, as `_pass` reads it: [B, cut + T]."""
+    return torch.cat([mask.new_ones(mask.shape[0], _cut(prefix)), mask], dim=1)
+
+
 def step_passes(model: VLM, objective: Objective, batch: dict, ideal: bool = False) -> list[Pass]:
     """The LLM passes `objective(model, batch)` runs under the model's and objective's
     current switches; with `ideal`, the passes of the minimal step (every switch on)."""
@@ -136,14 +146,13 @@ def step_passes(model: VLM, objective: Objective, batch: dict, ideal: bool = Fal
             if n:
                 middle = [model.image_token_id] * model.num_visual_tokens
                 _, mask, _, prefix = model.prompt_batch("image", [middle], use_cache=cache)
-                cut = len(prefix.ids) if prefix is not None else 0
-                out.append(_pass(mask.expand(n, -1), cut, 0, backward=upstream or model.image_soft is not None))
+                out.append(_pass(_with_prefix(mask, prefix).expand(n, -1), _cut(prefix), 0,
+                                 backward=upstream or model.image_soft is not None))
         text_frozen = model.text_path_frozen()
         text_cached = "text_states" in batch or (ideal and text_frozen)
         if batch["captions"] and not text_cached:
             _, mask, _, prefix = model.prompt_batch("text", model.sentence_ids(batch["captions"]), use_cache=cache)
-            cut = len(prefix.ids) if prefix is not None else 0
-            out.append(_pass(mask, cut, 0, backward=not text_frozen))
+            out.append(_pass(_with_prefix(mask, prefix), _cut(prefix), 0, backward=not text_frozen))
     return out
 
 
