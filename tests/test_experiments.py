@@ -204,3 +204,13 @@ def test_vladva_sweep_judges_each_arm_highest_rate_against_its_lowest():
     claims = sweep_claims([2e-4, 1e-3, 5e-4])
     assert [(c.better, c.worse) for c in claims] == [(f"{n} @ 0.001", f"{n} @ 0.0002") for n in ARM_NAMES]
     assert sweep_claims([1e-3]) == []  # one rate: no sweep, nothing to judge
+
+
+def test_a_name_after_seeds_gets_a_clear_error_not_a_traceback(capsys):
+    """`--seeds 3 4 5 prompts` swallows the name into the list: argparse's error then says
+    how to write it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experiment", "--seeds", "3", "4", "prompts"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'prompts' is not a seed" in err and "--seeds 3 4 5 -- prompts" in err

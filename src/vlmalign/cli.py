@@ -344,6 +344,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed(value: str) -> int:
+    """`--seeds` values: integers; a name there is an experiment swallowed by the list."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a seed. --seeds takes several values, so put what follows them before --seeds "
+            f"or after '--', e.g. --seeds 3 4 5 -- {value}") from None
+
+
 def _command_line() -> str:
     """The command as typed, for an experiment's report."""
     import shlex
@@ -512,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--report-only", action="store_true",
                    help="write results.json, table and plot from the runs finished so far; run nothing")
     x.add_argument("--out", default=None)
-    x.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0 1)")
+    x.add_argument("--seeds", type=_seed, nargs="+", help="seeds (default: 0 1 2; --quick: 0 1); "
+                   "the experiment's name goes before them or after '--'")
     x.add_argument("--scenes", type=int, help="data-efficiency, ak: shapes scenes (default 1000; 80%% train)")
     x.add_argument("--align-steps", type=int, help="data-efficiency, ak: alignment steps (default 60)")
     x.add_argument("--epochs", type=float, help="data-efficiency, ak: instruction-tuning epochs (default 1)")
@@ -524,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true", help="a ~2 minute version")
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--seeds", type=int, nargs="+", help="several seeds (intervals over seeds and items in table.md)")
+    m.add_argument("--seeds", type=_seed, nargs="+", help="several seeds (intervals over seeds and items in table.md)")
     m.add_argument("overrides", nargs="*", help="dotted overrides applied to every recipe")
     m.set_defaults(fn=_cmd_demo)
     return p
