@@ -203,14 +203,14 @@ class Objective(nn.Module):
         parts["loss"] = total.detach()
         return total, parts
 
-    def shared_state_at(self, model: VLM, batch: dict) -> int | None:
+    def shared_state_at(self, model: VLM, batch: dict, switch_on: bool = False) -> int | None:
         """Position of the prompted image state inside the next-token sequences when one
-        pass can serve both losses (`objective.shared_pass`, prompted captions, every row in
-        both); None otherwise (the embedding then takes its own pass). With an image soft
-        prompt the caption sequence carries its vectors at the prompt's positions
-        (`soft_mask`), so the state is the same either way."""
+        pass can serve both losses (`objective.shared_pass`, or `switch_on` to ask as if it
+        were on; prompted captions, every row in both); None otherwise (the embedding then
+        takes its own pass). With an image soft prompt the caption sequence carries its
+        vectors at the prompt's positions (`soft_mask`), so the state is the same either way."""
         at = batch.get("prompt_state_at")
-        if at is None or not self.cfg.shared_pass or not self.uses_embeddings:
+        if at is None or not (self.cfg.shared_pass or switch_on) or not self.uses_embeddings:
             return None
         if model.image_soft is not None and batch.get("soft_mask") is None:
             return None

@@ -134,11 +134,7 @@ def step_passes(model: VLM, objective: Objective, batch: dict, ideal: bool = Fal
         n_labels = int((labels[:, cut + 1 :] != IGNORE_INDEX).sum())
         head = n_labels if head_at_labels else ids.shape[0] * (ids.shape[1] - cut)
         out.append(_pass(mask, cut, head, backward=True))
-        at = batch.get("prompt_state_at")
-        soft_ok = model.image_soft is None or batch.get("soft_mask") is not None
-        shared = (ideal and at is not None and objective.uses_embeddings and soft_ok
-                  and batch.get("ntp_rows") is None and batch.get("emb_rows") is None
-                  ) or objective.shared_state_at(model, batch) is not None
+        shared = objective.shared_state_at(model, batch, switch_on=ideal) is not None
     if objective.uses_embeddings:
         if not shared:
             rows = batch.get("emb_rows")
