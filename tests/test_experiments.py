@@ -11,7 +11,8 @@ def test_data_efficiency_runs_every_arm_with_the_ratio_and_the_image_check(tmp_p
     from vlmalign.experiments.data_efficiency import FREE_FORM, variants
 
     out = tmp_path / "de"
-    rc = main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "10", "data-efficiency",
+    rc = main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "10", "--seeds", "0", "1",
+               "--", "data-efficiency",
                "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
                "lora.target_modules=q_proj,v_proj"])
     assert rc == 0
@@ -44,8 +45,8 @@ def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_pat
     from vlmalign.experiments.vladva import ARM_NAMES, claims
 
     out = tmp_path / "vladva"
-    rc = main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
-               "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60", "lora.target_modules=q_proj,v_proj",
+    rc = main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "1", "--", "vladva", "llm.name=tiny",
+               "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60", "lora.target_modules=q_proj,v_proj",
                "baseline.text_tower=tiny", "size.lrs=1e-3,2e-4"])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
@@ -71,8 +72,8 @@ def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_pat
     assert (out / "plot.png").stat().st_size > 10_000 and "## Claims" in (out / "table.md").read_text()
     # resume: a second call skips every finished (variant, seed)
     before = (out / "results.jsonl").read_text()
-    assert main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
-                 "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
+    assert main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "1", "--", "vladva", "llm.name=tiny",
+                 "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2", "data.shapes_n=60",
                  "lora.target_modules=q_proj,v_proj", "baseline.text_tower=tiny", "size.lrs=1e-3,2e-4"]) == 0
     assert (out / "results.jsonl").read_text() == before
 
@@ -214,3 +215,30 @@ def test_a_name_after_seeds_gets_a_clear_error_not_a_traceback(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "'prompts' is not a seed" in err and "--seeds 3 4 5 -- prompts" in err
+
+
+def test_vladva_sweep_settings_leave_out_the_main_seeds(tmp_path):
+    """The sweep runs its own seed, so a rerun with other seeds in the same folder resumes
+    the finished sweep instead of refusing it as a run with other settings."""
+    from vlmalign.experiments.runner import check_settings
+    from vlmalign.experiments.vladva import FULL, sweep_experiment
+
+    first = sweep_experiment(FULL | {"seeds": [0, 1, 2]}, tmp_path, "tiny", "tiny", [], "tiny")
+    rerun = sweep_experiment(FULL | {"seeds": [3, 4, 5]}, tmp_path, "tiny", "tiny", [], "tiny")
+    assert first.seeds == rerun.seeds == [FULL["sweep_seed"]]
+    check_settings(tmp_path, first)
+    check_settings(tmp_path, rerun)  # raises SettingsMismatch if the seeds were part of the settings
+    other = sweep_experiment(FULL | {"sweep_steps": 3}, tmp_path, "tiny", "tiny", [], "tiny")
+    with pytest.raises(FileExistsError):
+        check_settings(tmp_path, other)
+
+
+def test_an_out_folder_of_another_run_gets_a_clear_error_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "vladva"
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"experiment": "vladva", "variants": [], "settings": {}}))
+    rc = main(["experiment", "--quick", "--out", str(out), "vladva", "llm.name=tiny", "vision.tower=tiny",
+               "baseline.text_tower=tiny"])
+    assert rc == 2
+    printed = capsys.readouterr().out
+    assert "already exists" in printed and "other settings" in printed and "Traceback" not in printed

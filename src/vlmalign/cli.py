@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--report-only", action="store_true",
                    help="write results.json, table and plot from the runs finished so far; run nothing")
     x.add_argument("--out", default=None)
-    x.add_argument("--seeds", type=_seed, nargs="+", help="seeds (default: 0 1 2; --quick: 0 1); "
+    x.add_argument("--seeds", type=_seed, nargs="+", help="seeds (default: 0 1 2; --quick: 0); "
                    "the experiment's name goes before them or after '--'")
     x.add_argument("--scenes", type=int, help="data-efficiency, ak: shapes scenes (default 1000; 80%% train)")
     x.add_argument("--align-steps", type=int, help="data-efficiency, ak: alignment steps (default 60)")

@@ -96,7 +96,7 @@ class Experiment:
     command: str = ""
 
 
-class SettingsMismatch(RuntimeError):
+class SettingsMismatch(FileExistsError):
     """The output folder holds results of an experiment run with other settings."""
 
 

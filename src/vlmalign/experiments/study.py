@@ -108,7 +108,7 @@ def run_study(study: Study, out: str | Path, quick: bool = False, seeds: list[in
     n = settings["data.eval_max_samples"]
     exp = Experiment(
         name=study.name, title=study.title, variants=[variant(a) for a in study.arms],
-        seeds=list(seeds or ([0, 1] if quick else [0, 1, 2])), setup=setup,
+        seeds=list(seeds or ([0] if quick else [0, 1, 2])), setup=setup,
         metrics=retrieval_metrics(n) + study.metrics, claims=study.claims, settings={"common": common},
         data_files=lambda: [out / "shapes" / "train.jsonl", out / "shapes" / "test.jsonl"], command=command,
     )
