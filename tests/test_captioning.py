@@ -26,6 +26,17 @@ def test_identical_captions_score_perfectly():
     assert s["cider"] == pytest.approx(10.0, abs=1e-6)
 
 
+def test_cider_per_image_averages_to_the_corpus_score_and_follows_each_image():
+    pytest.importorskip("pycocoevalcap")
+    preds = {"1": "a small red circle left of a large blue square",  # exact
+             "2": "a large green star above a small red circle",  # half right
+             "3": "the dog runs fast"}  # unrelated
+    per = captioning.cider_per_image(preds, REFS, tokenizer="simple")
+    corpus = captioning.caption_scores(preds, REFS, tokenizer="simple")["cider"]
+    assert sum(per.values()) / len(per) == pytest.approx(corpus, abs=1e-9)
+    assert per["1"] > per["2"] > per["3"] == 0.0  # each value belongs to its own id
+
+
 def test_unrelated_captions_score_zero():
     pytest.importorskip("pycocoevalcap")
     preds = {"1": "the dog runs fast", "2": "ocean waves crash loudly", "3": "hello world today"}

@@ -108,7 +108,39 @@ def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
 
     raw = yaml.safe_load((out / "runs" / "align-clip-raw-seed0" / "config.yaml").read_text())
     assert raw["embedding"]["centre"] is False
-    assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval", "caption-loss"}
+    assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval", "caption-loss", "captioning"}
+    for r in summary["records"]:  # one CIDEr per held-out image, averaging to the metric
+        assert len(r["items"]["caption_cider"]) == len(r["items"]["caption_cider_shuffled"]) >= 2
+
+
+def test_ak_measures_captioning_late_from_the_same_weights(tmp_path, monkeypatch):
+    """A record written before captioning was measured gets it from the arm's saved
+    instruction-tuned checkpoint: the weights it scores are the ones the run scored."""
+    from vlmalign.experiments import ak
+
+    def weights_fingerprint(model, data):  # stands in for the captions: a sum of the trained weights
+        w = sum(float(p.double().sum()) for n, p in model.named_parameters() if "lora_" in n or "projector" in n)
+        return {"caption_cider": w, "caption_cider_shuffled": 0.0}, {"caption_cider": [w]}, [repr(w)]
+
+    monkeypatch.setattr(ak, "captioning_items", weights_fingerprint)
+    out = tmp_path / "ak"
+    args = ["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "8", "--seeds", "0", "--",
+            "ak", "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2", "objective.patch_pool=2",
+            "lora.target_modules=q_proj,v_proj"]
+    assert main(args) == 0
+    lines = out / "results.jsonl"
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    measured = {r["variant"]: r["metrics"]["caption_cider"] for r in records}
+    assert len(set(measured.values())) == len(records)  # every arm trained other weights
+    for r in records:
+        del r["metrics"]["caption_cider"], r["items"]["caption_cider"], r["extra"]["captions"]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(args) == 0  # the second run measures what the records lack, from the checkpoints
+    again = {r["variant"]: r for r in (json.loads(line) for line in lines.read_text().splitlines())}
+    for variant, w in measured.items():
+        assert again[variant]["metrics"]["caption_cider"] == pytest.approx(w, rel=1e-9, abs=1e-9)
+        assert again[variant]["extra"]["captions"] == [repr(again[variant]["metrics"]["caption_cider"])]
+    assert {c["id"] for c in json.loads((out / "results.json").read_text())["claims"]} >= {"captioning"}
 
 
 def _quick_study(tmp_path, name: str) -> tuple:

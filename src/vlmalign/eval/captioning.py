@@ -89,6 +89,29 @@ def caption_scores(
     install command when pycocoevalcap is missing.
     """
     bleu_cls, cider_cls = _scorers()
+    _, gts, res = _tokenized(predictions, references, tokenizer)
+    bleu, _ = bleu_cls(4).compute_score(gts, res, verbose=0)
+    cider, _ = cider_cls().compute_score(gts, res)
+    return {"cider": float(cider), **{f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}}
+
+
+def cider_per_image(
+    predictions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto"
+) -> dict[str, float]:
+    """Each id's CIDEr (pycocoevalcap's per-image scores, document frequencies from all the
+    references given): their mean is `caption_scores(...)["cider"]`, so they serve as the
+    per-item values of an interval."""
+    _, cider_cls = _scorers()
+    _, gts, res = _tokenized(predictions, references, tokenizer)
+    _, per_image = cider_cls().compute_score(gts, res)
+    # pycocoevalcap scores the ids in the order of the dict it is given
+    return {k: float(v) for k, v in zip(gts, per_image, strict=True)}
+
+
+def _tokenized(predictions: dict[str, str], references: dict[str, list[str]],
+               tokenizer: str) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
+    """Check that predictions and references cover the same ids, each with a non-empty
+    reference; return (sorted ids, tokenized references, tokenized predictions)."""
     if set(predictions) != set(references):
         only_p = sorted(set(predictions) - set(references))[:5]
         only_r = sorted(set(references) - set(predictions))[:5]
@@ -102,9 +125,7 @@ def caption_scores(
     keys = sorted(predictions)
     res = tokenize_captions({k: [predictions[k]] for k in keys}, tokenizer)
     gts = tokenize_captions({k: [r for r in references[k] if r.strip()] for k in keys}, tokenizer)
-    bleu, _ = bleu_cls(4).compute_score(gts, res, verbose=0)
-    cider, _ = cider_cls().compute_score(gts, res)
-    return {"cider": float(cider), **{f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}}
+    return keys, gts, res
 
 
 def caption_prompt(tokenizer, instruction: str = "Describe the image in one sentence.") -> str:

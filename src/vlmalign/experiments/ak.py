@@ -13,7 +13,10 @@ tuning on free-form QA (data_efficiency.py's stages):
 Measured: before stage 2, the held-out caption loss (true vs shuffled image) and
 text->image retrieval with the prompted embeddings (primary: a +2-point multiple-choice
 gain is inside the interval of a few hundred items); after stage 2, multiple-choice
-accuracy on held-out images by likelihood and by generation (secondary).
+accuracy on held-out images by likelihood and by generation, and captioning CIDEr of the
+held-out images (secondary). Records written before captioning was measured get it from
+their saved instruction-tuned checkpoint when the experiment runs again
+(`backfill_captioning`).
 `--llm gemma3-270m` (an override `llm.name=...`) repeats it with Gemma-3-270M.
 """
 
@@ -28,10 +31,23 @@ from rich.console import Console
 from vlmalign.config import load_config
 from vlmalign.data.scienceqa import load_mcq_json
 from vlmalign.data.splits import ensure_data
+from vlmalign.eval.captioning import caption_images, caption_prompt, cider_per_image
+from vlmalign.eval.evaluate import EvalData
 from vlmalign.experiments import data_efficiency as de
 from vlmalign.experiments import stats
-from vlmalign.experiments.runner import Experiment, Metric, Variant, VariantResult, run_experiment
+from vlmalign.experiments.runner import (
+    RESULTS_LINES,
+    Experiment,
+    Metric,
+    Variant,
+    VariantResult,
+    read_records,
+    rewrite_records,
+    run_experiment,
+)
+from vlmalign.models.vlm import VLM
 from vlmalign.paths import recipe_config
+from vlmalign.train.checkpoint import find_latest
 
 console = Console()
 
@@ -53,9 +69,64 @@ def _arm(name: str) -> Variant:
         model, kept = de.instruct(sh, init, 1.0, seed, name)
         with torch.no_grad():
             m, i = de.mcq_items(model, sh.items, sh.features)
-        return VariantResult(metrics | m | {"train_s": kept["train_s"]}, items | i, kept)
+            cm, ci, captions = captioning_items(model, sh.eval_data)
+        return VariantResult(metrics | m | cm | {"train_s": kept["train_s"]}, items | i | ci, kept | {"captions": captions})
 
     return Variant(name, run, f"{recipe} {' '.join(extra)}, then LoRA instruction tuning on the free-form QA".strip())
+
+
+CAPTION_TOKENS = 24  # shapes captions are 10-25 tokens
+
+
+@torch.no_grad()
+def captioning_items(model: VLM, data: EvalData) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """After instruction tuning: a greedy caption of each held-out image, asked with
+    `caption_prompt`, scored by CIDEr against that image's held-out captions (per image,
+    pycocoevalcap's scale, "simple" tokenisation: no Java), and the same captions against
+    another image's captions (`caption_cider_shuffled`: the level of a model that ignores
+    the image). Returns (metrics, per-image values, the captions)."""
+    refs: dict[int, list[str]] = {}
+    for text, row in zip(data.captions, data.text_to_image.tolist(), strict=True):
+        refs.setdefault(row, []).append(text)
+    rows = sorted(refs)
+    texts = caption_images(model, data.features[rows], caption_prompt(model.tokenizer), max_new_tokens=CAPTION_TOKENS)
+    preds = {str(r): t for r, t in zip(rows, texts, strict=True)}
+    other = de.derangement(len(rows)).tolist()
+    true = cider_per_image(preds, {str(r): refs[r] for r in rows}, tokenizer="simple")
+    shuffled = cider_per_image(preds, {str(r): refs[rows[o]] for r, o in zip(rows, other, strict=True)}, "simple")
+    items = {"caption_cider": [true[str(r)] for r in rows], "caption_cider_shuffled": [shuffled[str(r)] for r in rows]}
+    return {k: sum(v) / len(v) for k, v in items.items()}, items, texts
+
+
+def backfill_captioning(out: Path, cfg_overrides: list[str]) -> int:
+    """Measure `captioning_items` for every finished record that lacks it, from the arm's
+    saved instruction-tuned checkpoint (the same weights the record's other metrics were
+    measured on), on the held-out pairs of the experiment's own config; returns how many
+    records gained it. A record whose checkpoint is gone keeps its metrics and is counted."""
+    from vlmalign.inference import load_checkpoint
+
+    lines = out / RESULTS_LINES
+    records = read_records(lines)
+    todo = [r for r in records if "caption_cider" not in r["metrics"]]
+    data, filled, missing = None, 0, 0
+    for r in todo:
+        checkpoint = find_latest(de.instruct_dir(out, r["variant"], 1.0, r["seed"]))
+        if checkpoint is None:
+            missing += 1
+            continue
+        model = load_checkpoint(checkpoint)
+        if data is None:
+            data = EvalData.prepare(model, load_config(recipe_config("align"), cfg_overrides), benchmarks=False)
+        metrics, items, captions = captioning_items(model, data)
+        r["metrics"] |= metrics
+        r["items"] |= items
+        r["extra"]["captions"] = captions
+        filled += 1
+        rewrite_records(lines, records)
+        console.print(f"seed {r['seed']}: {r['variant']}: captioning measured from {checkpoint}")
+    if missing:
+        console.print(f"[yellow]{missing} record(s) without captioning: their instruction-tuned checkpoint is gone")
+    return filled
 
 
 def claims() -> list[stats.Claim]:
@@ -68,6 +139,8 @@ def claims() -> list[stats.Claim]:
                     "align-clip", "align", 2.0, paper=p),
         stats.Claim("caption-loss", "joint alignment lowers the held-out caption loss (before stage 2)",
                     "caption_loss_true_image", "align-clip", "align", 0.0, lower_is_better=True, paper=p),
+        stats.Claim("captioning", "joint alignment improves captioning after instruction tuning (CIDEr)",
+                    "caption_cider", "align-clip", "align", 0.0, paper=p),
         stats.Claim("centring", "centred states train the CLIP loss better than raw ones (text->image R@5)", "t2i_R@5",
                     "align-clip", "align-clip (raw)", 2.0, paper="our design choice (FINDINGS.md)"),
     ]
@@ -89,12 +162,16 @@ def run_ak(out: str | Path = "runs/ak", quick: bool = False, seeds: list[int] | 
         name="ak", title="Ak et al. on shapes: joint NTP + CLIP alignment, then the same instruction tuning",
         variants=[_arm(n) for n in ARMS], seeds=list(s["seeds"]), setup=de._setup(s, out, llm, tower, extra),
         metrics=[m for m in de.metrics(chance) if m.key != "image_information_gap"] + [
-            Metric("image_information_gap", "caption loss: shuffled - true image", 0.0, unit="")],
+            Metric("image_information_gap", "caption loss: shuffled - true image", 0.0, unit=""),
+            Metric("caption_cider", "captioning CIDEr after instruction tuning", None, unit=""),
+            Metric("caption_cider_shuffled", "the same captions against another image's captions", None, unit="")],
         claims=claims(), settings={"sizes": {k: v for k, v in s.items() if k != "seeds"}, "llm": llm, "tower": tower,
                                    "extra": extra},
         data_files=lambda: [root / "train.jsonl", root / de.FREE_FORM, root / "mcq_test.json", root / "test.jsonl"],
         command=command,
     )
+    if not report_only:
+        backfill_captioning(out, de._overrides(s, out, llm, tower, extra))
     summary = run_experiment(exp, out, log=console.print, execute=not report_only)
     for c in summary["claims"]:
         console.print(f"[bold]{c['verdict']}[/]: {c['text']}")

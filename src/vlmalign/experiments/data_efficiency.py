@@ -190,13 +190,18 @@ def instruct(sh: Shared, init: Path, fraction: float, seed: int, tag: str) -> tu
         ATTENTION, f"data.train_file={FREE_FORM}", f"train.init_from={init}", f"train.max_steps={steps}",
         f"train.batch_size={s['batch']}", f"train.lr={s['instruct_lr']}",
         f"train.warmup_steps={warmup_steps(steps, s['warmup'])}",
-        f"train.out_dir={sh.out / 'runs' / f'{_slug(tag)}-instruct-{fraction:g}-seed{seed}'}"])
+        f"train.out_dir={instruct_dir(sh.out, tag, fraction, seed)}"])
     set_seed(seed)
     model = VLM.build(cfg)  # fresh LoRA adapters, the same for every arm of the seed
     result = train(cfg, model=model, data=data)
     model.eval()
     return model, {"steps": steps, "records": len(rows), "warmup_steps": warmup_steps(steps, s["warmup"]),
                    "train_s": result.wall_time_s}
+
+
+def instruct_dir(out: Path, tag: str, fraction: float, seed: int) -> Path:
+    """The run folder of an arm's instruction tuning (its checkpoints)."""
+    return out / "runs" / f"{_slug(tag)}-instruct-{fraction:g}-seed{seed}"
 
 
 def _slug(name: str) -> str:

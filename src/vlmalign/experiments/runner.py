@@ -128,6 +128,16 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def rewrite_records(path: Path, records: list[dict]) -> None:
+    """Replace `results.jsonl` with `records` in one step (a kill leaves the old or the new
+    file, never half of one)."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
