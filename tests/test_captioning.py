@@ -86,6 +86,16 @@ def test_clear_error_without_pycocoevalcap(monkeypatch, tiny_model, shapes_root)
         captioning.evaluate_captioning(tiny_model, samples)
 
 
+def test_ak_without_pycocoevalcap_says_how_to_install_before_training(monkeypatch, tmp_path, capsys):
+    from vlmalign.cli import main
+
+    _hide_pycocoevalcap(monkeypatch)
+    assert main(["experiment", "--quick", "--out", str(tmp_path / "ak"), "ak", "llm.name=tiny",
+                 "vision.tower=tiny"]) == 1
+    assert "pip install 'vlmalign[caption]'" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "ak").exists()  # nothing trained, nothing written
+
+
 def test_references_grouped_by_image(shapes_root):
     samples = load_captions_jsonl(shapes_root / "test.jsonl")[:2]
     twin = type(samples[0])(id="x", image=samples[0].image, caption="another caption", long_caption="long one")

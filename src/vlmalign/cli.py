@@ -550,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    from rich.markup import escape  # messages hold paths and overrides with [brackets]
+
     from vlmalign.config import ConfigError
     from vlmalign.data.sample import DataQualityError
     from vlmalign.errors import DiskFullError, TrainingOOMError
@@ -562,24 +564,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RunLockedError as e:
-        console.print(f"[red]run folder in use:[/] {e}", highlight=False)
+        console.print(f"[red]run folder in use:[/] {escape(str(e))}", highlight=False)
         return 2
     except (ConfigError, UnknownIdError) as e:
-        console.print(f"[red]config error:[/] {e}")
+        console.print(f"[red]config error:[/] {escape(str(e))}")
         return 2
     except FileNotFoundError as e:
-        console.print(f"[red]not found:[/] {e}")
+        console.print(f"[red]not found:[/] {escape(str(e))}")
         return 2
     except FileExistsError as e:
-        console.print(f"[red]already exists:[/] {e}")
+        console.print(f"[red]already exists:[/] {escape(str(e))}")
         return 2
     except (DataQualityError, CheckpointError, DiskFullError, TrainingOOMError, NonFiniteError) as e:
-        console.print(f"[red]{type(e).__name__}:[/] {e}", highlight=False)
+        console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}", highlight=False)
         return 1
     except ImportError as e:
         if "pip install" not in str(e):  # a missing optional extra names its install command
             raise
-        console.print(f"[red]missing dependency:[/] {e}", highlight=False)
+        console.print(f"[red]missing dependency:[/] {escape(str(e))}", highlight=False)
         return 1
     except TrainingInterrupted as e:
         console.print(f"[yellow]{e}")
@@ -587,8 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad data (JSON, encoding, a file that is not what it should be)
         if args.verbose:
             logging.getLogger("vlmalign").exception("the error in full")
-        from rich.markup import escape
-
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
 

@@ -49,6 +49,12 @@ def _scorers():
     return Bleu, Cider
 
 
+def require_scorers() -> None:
+    """Raise the ImportError with the install command now, when pycocoevalcap is missing
+    (before a long run that would need it at its end)."""
+    _scorers()
+
+
 def simple_tokenize(text: str) -> str:
     """Lowercase, keep runs of letters, digits and apostrophes, join with single spaces."""
     return " ".join(re.findall(r"[0-9a-z']+", text.lower())).strip("'")

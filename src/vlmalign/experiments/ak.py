@@ -31,7 +31,12 @@ from rich.console import Console
 from vlmalign.config import load_config
 from vlmalign.data.scienceqa import load_mcq_json
 from vlmalign.data.splits import ensure_data
-from vlmalign.eval.captioning import caption_images, caption_prompt, cider_per_image
+from vlmalign.eval.captioning import (
+    caption_images,
+    caption_prompt,
+    cider_per_image,
+    require_scorers,
+)
 from vlmalign.eval.evaluate import EvalData
 from vlmalign.experiments import data_efficiency as de
 from vlmalign.experiments import stats
@@ -151,6 +156,7 @@ def run_ak(out: str | Path = "runs/ak", quick: bool = False, seeds: list[int] | 
            sizes: dict | None = None, command: str = "", report_only: bool = False) -> dict:
     """Run the experiment (resumable); writes results.json, table.md and plot.png."""
     out = Path(out)
+    require_scorers()  # captioning is scored at the end of every arm
     s = (QUICK if quick else FULL) | {k: v for k, v in (sizes or {}).items() if v is not None}
     if seeds:
         s["seeds"] = list(seeds)
