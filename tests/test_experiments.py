@@ -42,7 +42,7 @@ def test_data_efficiency_runs_every_arm_with_the_ratio_and_the_image_check(tmp_p
 
 
 def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_path):
-    from vlmalign.experiments.vladva import ARM_NAMES, claims
+    from vlmalign.experiments.vladva import ARM_NAMES, CLIP, claims
 
     out = tmp_path / "vladva"
     rc = main(["experiment", "--quick", "--out", str(out), "--seeds", "0", "1", "--", "vladva", "llm.name=tiny",
@@ -64,6 +64,11 @@ def test_vladva_runs_every_arm_on_every_seed_with_intervals_and_verdicts(tmp_pat
     sweep = json.loads((out / "sweep" / "results.json").read_text())
     assert set(summary["derived"]["learning_rates"]) == set(ARM_NAMES)
     assert sweep["settings"]["sizes"]["steps"] == sweep["settings"]["sizes"]["sweep_steps"]
+    # the sweep skips the held-out caption loss (no choice reads it); the seeds measure it
+    sweep_vlm = [r for r in sweep["records"] if not r["variant"].startswith(CLIP)]
+    main_vlm = [r for r in summary["records"] if r["variant"] != CLIP]
+    assert sweep_vlm and all("heldout_caption_loss" not in r["metrics"] for r in sweep_vlm)
+    assert main_vlm and all(r["metrics"]["heldout_caption_loss"] > 0 for r in main_vlm)
     # every arm of a seed started from the same projector: the runs' first logged losses
     # of the two contrastive-only arms on short captions would match; here check the
     # per-item values are stored and average to the metric
