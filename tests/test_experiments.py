@@ -98,7 +98,7 @@ def test_prompts_experiment_compares_prompts_on_one_checkpoint(tiny_cfg, tmp_pat
 
 
 def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
-    from vlmalign.experiments.ak import ARMS
+    from vlmalign.experiments.ak import ARMS, GROUNDED
 
     out = tmp_path / "ak"
     assert main(["experiment", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "8", "--seeds", "0", "--",
@@ -113,9 +113,26 @@ def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
 
     raw = yaml.safe_load((out / "runs" / "align-clip-raw-seed0" / "config.yaml").read_text())
     assert raw["embedding"]["centre"] is False
-    assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval", "caption-loss", "captioning"}
+    assert {c["id"] for c in summary["claims"]} >= {"mcq-gain", "retrieval", "caption-loss", "captioning",
+                                                    "captioning-grounded"}
     for r in summary["records"]:  # one CIDEr per held-out image, averaging to the metric
-        assert len(r["items"]["caption_cider"]) == len(r["items"]["caption_cider_shuffled"]) >= 2
+        true, shuffled, gap = (r["items"][k] for k in ("caption_cider", "caption_cider_shuffled", GROUNDED))
+        assert len(true) == len(shuffled) == len(gap) >= 2
+        assert gap == pytest.approx([t - s for t, s in zip(true, shuffled, strict=True)], abs=1e-12)
+        assert r["metrics"][GROUNDED] == pytest.approx(sum(gap) / len(gap), abs=1e-12)
+    # records written before the grounded score existed get it from their stored values,
+    # even in a report-only run (arithmetic, nothing measured again)
+    lines = out / "results.jsonl"
+    before = [json.loads(line) for line in lines.read_text().splitlines()]
+    for r in before:
+        del r["items"][GROUNDED], r["metrics"][GROUNDED]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in before))
+    assert main(["experiment", "--report-only", "--quick", "--out", str(out), "--scenes", "60", "--eval-items", "8",
+                 "--seeds", "0", "--", "ak", "llm.name=tiny", "vision.tower=tiny", "projector.pool_size=2",
+                 "objective.patch_pool=2", "lora.target_modules=q_proj,v_proj"]) == 0
+    after = {r["variant"]: r for r in (json.loads(line) for line in lines.read_text().splitlines())}
+    for r in summary["records"]:
+        assert after[r["variant"]]["items"][GROUNDED] == pytest.approx(r["items"][GROUNDED], abs=1e-12)
 
 
 def test_ak_measures_captioning_late_from_the_same_weights(tmp_path, monkeypatch):
