@@ -135,3 +135,53 @@ def test_caption_images_tiny_model_batches_consistently(tiny_model, shapes_root)
     a = captioning.caption_images(m, stacked, max_new_tokens=4, batch_size=3)
     b = captioning.caption_images(m, stacked, max_new_tokens=4, batch_size=1)
     assert len(a) == 3 and all(isinstance(t, str) for t in a) and a == b
+
+
+def test_generate_shares_the_prompt_head_and_matches_a_greedy_loop_without_cache(tiny_model, monkeypatch):
+    """A chat prompt's text before the image is computed once for the batch (its keys and
+    values shared by every row); the tokens equal a greedy loop that reruns the whole
+    sequence every step, and without a head nothing is cached."""
+    from vlmalign.models import vlm as vlm_module
+
+    m = tiny_model.eval()
+    torch.manual_seed(0)
+    feats = torch.randn(3, m.vision.num_patches, m.vision.hidden_size)
+    prompt = captioning.caption_prompt(m.tokenizer)
+    ids = m.tokenizer(prompt, add_special_tokens=False).input_ids
+    assert ids.index(m.image_token_id) > 0  # the chat head comes first
+    heads = []
+    expand = vlm_module.PromptPrefix.expand
+    monkeypatch.setattr(vlm_module.PromptPrefix, "expand", lambda self, *a: heads.append(len(self.ids)) or expand(self, *a))
+    logits = []
+    hf_generate = m.llm.generate
+
+    def generate_keeping_logits(**kw):
+        out = hf_generate(**kw, output_logits=True, return_dict_in_generate=True)
+        logits.extend(out.logits)
+        return out.sequences
+
+    monkeypatch.setattr(m.llm, "generate", generate_keeping_logits)
+    with torch.no_grad():
+        got = m.generate(features=feats, prompt=prompt, max_new_tokens=6)
+        assert heads == [ids.index(m.image_token_id)]
+        seq = m.splice(torch.tensor(vlm_module.expand_image_tokens(ids, m.image_token_id, m.num_visual_tokens))
+                       .expand(3, -1), m.visual_tokens(None, feats))
+        new, want_logits = [], []
+        for _ in range(6):
+            want_logits.append(m.llm(inputs_embeds=seq).logits[:, -1])
+            tok = want_logits[-1].argmax(-1)
+            new.append(tok)
+            seq = torch.cat([seq, m.input_embeddings(tok[:, None])], dim=1)
+    assert len(logits) >= 1
+    for a, b in zip(logits, want_logits, strict=False):  # every step's scores, not only the argmax
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    tokens = torch.stack(new, 1)
+    want = []
+    for row in tokens.tolist():  # generate stops a row at its end-of-text token
+        row = row[: row.index(m.tokenizer.eos_token_id) + 1] if m.tokenizer.eos_token_id in row else row
+        want.append(m.tokenizer.decode(row, skip_special_tokens=True).strip())
+    assert got == want
+    heads.clear()
+    with torch.no_grad():
+        m.generate(features=feats, prompt="", max_new_tokens=2)  # stage-1 captioning: the image comes first
+    assert heads == []

@@ -410,9 +410,15 @@ class VLM(nn.Module):
                 prefix = prefix + ids
         ids = torch.tensor(prefix, device=visual.device).expand(b, -1)
         embeds = self.splice(ids, visual)
+        # The text before the image (e.g. a chat template's system turn) is the same for
+        # every row: its keys/values are computed once and shared, not per row. generate
+        # takes the whole sequence and runs only the positions after the cache.
+        head = prefix.index(self.image_token_id) if self.image_token_id in prefix else 0
+        cached = {"past_key_values": PromptPrefix(prefix[:head]).expand(self, b, visual.device)} if head else {}
         out = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones_like(ids),
+            **cached,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
