@@ -178,3 +178,14 @@ def test_report_only_on_an_empty_folder_summarises_nothing(tmp_path):
 def test_one_seed_without_items_is_never_a_verdict():
     d = stats.paired_difference([[2.0]], [[1.0]])  # one seed, one per-seed value each
     assert d.lo == d.hi == 1.0 and stats.verdict(d, 0.0) == "underpowered"
+
+
+def test_the_plot_draws_every_claimed_metric_first_and_says_when_it_leaves_some_out():
+    from vlmalign.experiments.report import plot_metrics
+
+    metrics = {f"m{i}": {"label": f"m{i}"} for i in range(20)}
+    summary = {"metrics": metrics, "claims": [{"metric": "m18"}, {"metric": "m3"}]}
+    keys = [k for k, _ in plot_metrics(summary, max_metrics=5)]
+    assert keys == ["m3", "m18", "m0", "m1", "m2"]  # claimed ones first, in the table's order, then the rest
+    assert [k for k, _ in plot_metrics(summary, max_metrics=30)] == ["m3", "m18", *[f"m{i}" for i in range(20)
+                                                                                  if i not in (3, 18)]]

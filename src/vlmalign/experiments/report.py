@@ -61,15 +61,24 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path, max_metrics: int = 8) -> Path:
-    """One panel per metric (up to `max_metrics`): each variant's mean with its 95%
-    interval, the per-seed values as dots, the chance level as a dotted line."""
+def plot_metrics(summary: dict, max_metrics: int = 16) -> list[tuple[str, dict]]:
+    """The metrics `plot` draws: those the claims judge first, then the rest in order,
+    at most `max_metrics` (table.md holds every one)."""
+    claimed = [c["metric"] for c in summary.get("claims", [])]
+    keys = sorted(summary["metrics"], key=lambda k: (k not in claimed, list(summary["metrics"]).index(k)))
+    return [(k, summary["metrics"][k]) for k in keys[:max_metrics]]
+
+
+def plot(summary: dict, path: Path, max_metrics: int = 16) -> Path:
+    """One panel per metric (`plot_metrics`): each variant's mean with its 95% interval,
+    the per-seed values as dots, the chance level as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    metrics = list(summary["metrics"].items())[:max_metrics]
+    metrics = plot_metrics(summary, max_metrics)
+    shown = "" if len(metrics) == len(summary["metrics"]) else f"; {len(metrics)} of {len(summary['metrics'])} metrics"
     cols = min(4, max(1, len(metrics)))
     rows = max(1, -(-len(metrics) // cols))
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), dpi=110)
@@ -90,7 +99,7 @@ def plot(summary: dict, path: Path, max_metrics: int = 8) -> Path:
         ax.set_title(m["label"] + (" (lower better)" if m["lower_is_better"] else ""), fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{summary['title']} ({len(summary['seeds'])} seeds; bars: 95% interval; dots: seeds; "
-                 f"dotted: chance)", fontsize=9)
+                 f"dotted: chance{shown})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return path
