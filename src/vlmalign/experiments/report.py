@@ -65,7 +65,7 @@ def plot_metrics(summary: dict, max_metrics: int = 16) -> list[tuple[str, dict]]
     """The metrics `plot` draws: those the claims judge first, then the rest in order,
     at most `max_metrics` (table.md holds every one)."""
     claimed = [c["metric"] for c in summary.get("claims", [])]
-    keys = sorted(summary["metrics"], key=lambda k: (k not in claimed, list(summary["metrics"]).index(k)))
+    keys = sorted(summary["metrics"], key=lambda k: k not in claimed)  # stable: the table's order within each
     return [(k, summary["metrics"][k]) for k in keys[:max_metrics]]
 
 

@@ -78,11 +78,11 @@ CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_att", "add_obj"
 # sweep), 150 test pairs + 30 SugarCrepe items per category, 100 word-order pairs (200
 # new images), 48 zero-shot images. Measured idle: each seed ~11 min (5 arms); the sweep
 # at 20 steps took ~16 min, over the budget with the seeds, so it runs 10 (a quarter of
-# the training; ~11 min).
+# the training): sweep + 3 seeds took 43 min idle.
 FULL: dict[str, Any] = {"scenes": 1500, "train_fraction": 0.27, "steps": 40, "batch": 8, "eval": 150,
                         "comp_per_category": 30, "wino_pairs": 100, "long_tokens": 64, "seeds": [0, 1, 2],
                         "sweep_steps": 10, "lrs": [2e-4, 1e-3], "sweep_seed": 100}
-# A smoke run: every arm, two seeds, one lr (no sweep), a few steps and items.
+# A smoke run: every arm, one seed, one lr (no sweep), a few steps and items.
 QUICK: dict[str, Any] = {"scenes": 200, "train_fraction": 0.2, "steps": 4, "batch": 8, "eval": 16,
                          "comp_per_category": 6, "wino_pairs": 8, "long_tokens": 64, "seeds": [0],
                          "sweep_steps": 2, "lrs": [1e-3], "sweep_seed": 100}
