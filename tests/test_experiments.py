@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from vlmalign.cli import main
 
@@ -140,7 +141,7 @@ def test_ak_measures_captioning_late_from_the_same_weights(tmp_path, monkeypatch
     instruction-tuned checkpoint: the weights it scores are the ones the run scored."""
     from vlmalign.experiments import ak
 
-    def weights_fingerprint(model, data):  # stands in for the captions: a sum of the trained weights
+    def weights_fingerprint(model, data, images=None):  # stands in for the captions: a sum of the trained weights
         w = sum(float(p.double().sum()) for n, p in model.named_parameters() if "lora_" in n or "projector" in n)
         return {"caption_cider": w, "caption_cider_shuffled": 0.0}, {"caption_cider": [w]}, [repr(w)]
 
@@ -296,3 +297,28 @@ def test_an_out_folder_of_another_run_gets_a_clear_error_not_a_traceback(tmp_pat
     assert rc == 2
     printed = capsys.readouterr().out
     assert "already exists" in printed and "other settings" in printed and "Traceback" not in printed
+
+
+def test_ak_captions_the_first_n_held_out_images_when_told(monkeypatch):
+    """The default captions 50 of the held-out images (to fit its time budget): exactly
+    the first `images` of them, each scored against its own references."""
+    from types import SimpleNamespace
+
+    from vlmalign.experiments import ak
+
+    captioned = []
+
+    def fake_caption(model, features, prompt, max_new_tokens):  # the caption repeats the image's own first reference
+        captioned.extend(features.tolist())
+        return [f"a red circle number {int(f)}" for f in features.tolist()]
+
+    monkeypatch.setattr(ak, "caption_images", fake_caption)
+    monkeypatch.setattr(ak, "caption_prompt", lambda tok: "")
+    data = SimpleNamespace(captions=[f"a red circle number {i}" for i in range(5) for _ in range(2)],
+                           text_to_image=torch.arange(5).repeat_interleave(2), features=torch.arange(5.0))
+    metrics, items, texts = ak.captioning_items(SimpleNamespace(tokenizer=None), data, 3)
+    assert captioned == [0.0, 1.0, 2.0] and len(texts) == 3
+    assert len(items["caption_cider"]) == 3 and min(items[ak.GROUNDED]) > 0  # own references beat another image's
+    ak.captioning_items(SimpleNamespace(tokenizer=None), data)
+    assert captioned[3:] == [0.0, 1.0, 2.0, 3.0, 4.0]  # None: every held-out image
+    assert ak.FULL["caption_images"] == 50 and ak.QUICK["caption_images"] is None
