@@ -10,6 +10,7 @@ import torch
 from vlmalign.data.conversations import encode_conversation, load_conversations
 from vlmalign.data.scienceqa import MCQItem, load_mcq_json, write_mcq_conversations
 from vlmalign.eval import mcq
+from vlmalign.models.language import IMAGE_TOKEN
 from vlmalign.models.prompts import expand_image_tokens
 from vlmalign.objective import next_token_part
 
@@ -207,6 +208,35 @@ def test_one_prompt_pass_gives_the_scores_and_answers_of_two(tiny_model, shapes_
         assert len(passes) == 3 * shared  # one pass per batch instead of two
         assert texts == ref_texts
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(scores, ref_scores, strict=True))
+
+
+def test_shared_head_stops_before_the_image_and_the_first_difference():
+    img = 9
+    assert mcq.shared_head([[1, 2, 3, img, 5], [1, 2, 3, img, 6, 7]], img) == 3  # up to the image
+    assert mcq.shared_head([[1, 2, 3, 4], [1, 2, 8, 4]], img) == 2  # up to the first difference
+    assert mcq.shared_head([[1, 2], [1, 2, 3]], img) == 1  # a row keeps one token of its own
+    assert mcq.shared_head([[img, 1], [img, 2]], img) == 0
+    assert mcq.shared_head([[1, 2, 3, 4]], img) == 3
+
+
+def test_prompt_pass_runs_the_shared_chat_head_once(tiny_model, shapes_root, monkeypatch):
+    """The tokens every prompt of a batch shares (the chat template's system turn and user
+    header) run once as a batch of one; the rows run only what follows (the scores equal
+    a naive full forward: test_likelihood_matches_naive_full_forward)."""
+    m = tiny_model
+    items = _items(shapes_root)
+    feats = mcq.mcq_image_features(m, items)
+    prompt = mcq.render_mcq_prompt(m.tokenizer, items[0])
+    head = len(m.tokenizer(prompt[: prompt.index(IMAGE_TOKEN)], add_special_tokens=False).input_ids)
+    assert head > 0  # the user header (and a system turn where the template has one)
+    shapes = []
+    decoder = m.llm.get_decoder()
+    real = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda **kw: shapes.append(tuple(kw["inputs_embeds"].shape[:2])) or real(**kw))
+    pp = mcq._PromptPass(m, items[:3], feats, True, None)
+    rows = max(len(r) + (m.num_visual_tokens - 1) * (it.image is not None) for r, it in zip(pp.raw, items, strict=False))
+    assert shapes == [(1, head), (3, rows - head)]
+    assert pp.cache.get_seq_length() == rows and pp.mask.shape == (3, rows)
 
 
 def test_features_once_per_distinct_image(tiny_model, shapes_root, monkeypatch):

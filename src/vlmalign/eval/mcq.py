@@ -35,7 +35,7 @@ from vlmalign import cache
 from vlmalign.data.sample import LoadReport, Sample
 from vlmalign.data.scienceqa import LETTERS, MCQItem, load_mcq_json, mcq_user_turn, option_letter
 from vlmalign.models.prompts import expand_image_tokens
-from vlmalign.models.vlm import VLM
+from vlmalign.models.vlm import VLM, PromptPrefix
 from vlmalign.train.runlog import track
 
 log = logging.getLogger(__name__)
@@ -244,10 +244,22 @@ def _log_probs(model: VLM, states: Tensor, targets: Tensor) -> Tensor:
     return _logits(model, states).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def shared_head(rows: list[list[int]], image_token_id: int) -> int:
+    """How many leading tokens every row has in common before any image token (the chat
+    template's system turn and user header), leaving at least one token per row."""
+    h = min(len(r) for r in rows) - 1
+    for r in rows:
+        h = min(h, r.index(image_token_id) if image_token_id in r else h)
+        h = next((i for i in range(h) if r[i] != rows[0][i]), h)
+    return max(h, 0)
+
+
 class _PromptPass:
     """One forward of a batch of items' prompts (right-padded, visual tokens spliced),
     keeping what continuations need: the cache, the mask [B, Tp], the prompt lengths [B]
-    and the final state of each prompt's last token [B, D]."""
+    and the final state of each prompt's last token [B, D]. The leading tokens every
+    prompt shares (`shared_head`) run once, not once per row; the rest runs against
+    their keys/values."""
 
     def __init__(self, model: VLM, batch: list[MCQItem], features: dict[str, Tensor],
                  chat_template: bool, system_prompt: str | None) -> None:
@@ -259,10 +271,12 @@ class _PromptPass:
                 for it, r in zip(batch, self.raw, strict=True)]
         ids, self.mask = _pad(rows, tok.pad_token_id, dev)  # [B, Tp]
         self.lengths = self.mask.sum(1)  # [B]
-        embeds = _embed(model, ids, _visual_for(model, batch, features))  # [B, Tp, D]
-        out = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True)
-        self.cache = out.past_key_values
-        self.last = out.last_hidden_state[torch.arange(len(batch), device=dev), self.lengths - 1]  # [B, D]
+        h = shared_head(rows, model.image_token_id)
+        head = {"past_key_values": PromptPrefix(rows[0][:h]).expand(model, len(batch), dev)} if h else {}
+        embeds = _embed(model, ids[:, h:], _visual_for(model, batch, features))  # [B, Tp - h, D]
+        out = model.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True, **head)
+        self.cache = out.past_key_values  # head + rest: Tp positions
+        self.last = out.last_hidden_state[torch.arange(len(batch), device=dev), self.lengths - 1 - h]  # [B, D]
 
 
 def _batch_scores(model: VLM, pp: _PromptPass, batch: list[MCQItem], continuation: str) -> list[Tensor]:
