@@ -97,9 +97,9 @@ CAPTION_TOKENS = 24  # shapes captions are 10-25 tokens
 def captioning_items(model: VLM, data: EvalData, images: int | None = None,
                      ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """After instruction tuning: a greedy caption of each held-out image (the first
-    `images` of them, all when None), asked with
-    `caption_prompt`, scored by CIDEr against that image's held-out captions (per image,
-    pycocoevalcap's scale, "simple" tokenisation: no Java), and the same captions against
+    `images` of them, all when None), asked with `caption_prompt`, scored by CIDEr against
+    that image's held-out captions (per image, pycocoevalcap's scale, "simple"
+    tokenisation: no Java), and the same captions against
     another image's captions (`caption_cider_shuffled`: the level of a model that ignores
     the image). Returns (metrics, per-image values, the captions)."""
     refs: dict[int, list[str]] = {}
