@@ -3,8 +3,8 @@
 Ak et al. (ECCV Workshops 2024) add a CLIP loss on prompted LLM embeddings to the
 next-token loss of the alignment stage and report about +2% on multimodal benchmarks
 after the same instruction tuning, across several LLMs. Arms per seed, from the same
-initial projector on the same captions, each followed by the same LoRA instruction
-tuning on free-form QA (data_efficiency.py's stages):
+initial projector on the same captions, the first two followed by the same LoRA
+instruction tuning on free-form QA (data_efficiency.py's stages):
 
 - `align`: next-token loss only (LLaVA stage 1);
 - `align-clip`: + CLIP loss on mean-centred prompted embeddings (our default);
