@@ -109,13 +109,13 @@ def test_ak_runs_both_alignments_then_the_same_instruction_tuning(tmp_path):
     assert {r["variant"] for r in summary["records"]} == set(ARMS)
     for r in summary["records"]:
         assert {"t2i_R@5", "caption_loss_true_image"} <= set(r["metrics"])  # every arm, before stage 2
-        if ARMS[r["variant"]][2]:
+        if ARMS[r["variant"]].instructed:
             assert {"mcq_lik", "mcq_gen", "caption_cider"} <= set(r["metrics"])
             assert r["extra"]["steps"] >= 1  # instruction-tuned
         else:  # the raw arm answers the centring claim before stage 2 and stops there
             assert not {"mcq_lik", "caption_cider"} & set(r["metrics"]) and r["extra"]["steps"] == 0
             assert not (out / "runs" / "align-clip-raw-instruct-1-seed0").exists()
-    instructed = [r for r in summary["records"] if ARMS[r["variant"]][2]]
+    instructed = [r for r in summary["records"] if ARMS[r["variant"]].instructed]
     assert len(instructed) == 2
     import yaml
 

@@ -24,7 +24,7 @@ their saved instruction-tuned checkpoint when the experiment runs again
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -57,13 +57,18 @@ from vlmalign.train.checkpoint import find_latest
 
 console = Console()
 
-# name -> (recipe, overrides, instruction-tuned after alignment). The raw arm answers the
-# centring question, which is about the alignment stage (its retrieval before stage 2):
-# it stops there.
-ARMS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "align": ("align", (), True),
-    "align-clip": ("align-clip", (), True),
-    "align-clip (raw)": ("align-clip", ("embedding.centre=false",), False),
+class Arm(NamedTuple):
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    instructed: bool = True  # LoRA instruction tuning (and its scoring) after alignment
+
+
+# The raw arm answers the centring question, which is about the alignment stage (its
+# retrieval before stage 2): it stops there.
+ARMS: dict[str, Arm] = {
+    "align": Arm("align"),
+    "align-clip": Arm("align-clip"),
+    "align-clip (raw)": Arm("align-clip", ("embedding.centre=false",), instructed=False),
 }
 # Sized for 45 minutes here: the raw arm stops after alignment and 50 of the 100 held-out
 # images are captioned (with every arm instruction-tuned and 100 captions the default
@@ -99,9 +104,8 @@ def captioning_items(model: VLM, data: EvalData, images: int | None = None,
     """After instruction tuning: a greedy caption of each held-out image (the first
     `images` of them, all when None), asked with `caption_prompt`, scored by CIDEr against
     that image's held-out captions (per image, pycocoevalcap's scale, "simple"
-    tokenisation: no Java), and the same captions against
-    another image's captions (`caption_cider_shuffled`: the level of a model that ignores
-    the image). Returns (metrics, per-image values, the captions)."""
+    tokenisation: no Java), and the same captions against another image's captions
+    (`caption_cider_shuffled`: the level of a model that ignores the image). Returns (metrics, per-image values, the captions)."""
     refs: dict[int, list[str]] = {}
     for text, row in zip(data.captions, data.text_to_image.tolist(), strict=True):
         refs.setdefault(row, []).append(text)
@@ -150,7 +154,7 @@ def backfill_captioning(out: Path, cfg_overrides: list[str], images: int | None 
 
     lines = out / RESULTS_LINES
     records = read_records(lines)
-    todo = [r for r in records if "caption_cider" not in r["metrics"] and ARMS.get(r["variant"], ("", (), True))[2]]
+    todo = [r for r in records if "caption_cider" not in r["metrics"] and ARMS.get(r["variant"], Arm("")).instructed]
     data, filled, missing = None, 0, 0
     for r in todo:
         checkpoint = find_latest(de.instruct_dir(out, r["variant"], 1.0, r["seed"]))
