@@ -20,6 +20,7 @@
     vlmalign experiment [--quick] data-efficiency
     vlmalign experiment [--quick] vladva
     vlmalign experiment --checkpoint runs/align-clip prompts
+    vlmalign experiment --out runs/ak-pooled --pool runs/ak runs/ak-seeds345 -- ak
     vlmalign demo [--quick]
 
 Options go before positional arguments and dotted overrides.
@@ -32,6 +33,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from rich.console import Console
 
@@ -337,10 +339,26 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     module, entry, _ = EXPERIMENTS[args.name]
     kwargs = {"out": args.out or f"runs/{args.name}", "quick": args.quick, "seeds": args.seeds,
               "extra": args.overrides, "command": _command_line(), "report_only": args.report_only}
+    if args.pool:
+        from vlmalign.experiments.pool import pool_runs
+
+        if not args.out or args.seeds:
+            console.print("[red]--pool writes a new report: give it a new --out folder, and no --seeds "
+                          "(the pooled runs' seeds are used)[/]")
+            return 2
+        kwargs |= {"seeds": pool_runs(args.name, args.pool, args.out, log=console.print), "report_only": True}
     if args.name in ("data-efficiency", "ak"):
         kwargs["sizes"] = {"scenes": args.scenes, "align_steps": args.align_steps, "epochs": args.epochs,
                            "eval_items": args.eval_items}
-    getattr(importlib.import_module(module), entry)(**kwargs)
+    try:
+        getattr(importlib.import_module(module), entry)(**kwargs)
+    except Exception:
+        if args.pool:  # the pool's new (or empty) folder: no pooled records without their report
+            import shutil
+
+            for path in Path(args.out).iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
     return 0
 
 
@@ -352,6 +370,17 @@ def _seed(value: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a seed. --seeds takes several values, so put what follows them before --seeds "
             f"or after '--', e.g. --seeds 3 4 5 -- {value}") from None
+
+
+def _run_dir(value: str) -> str:
+    """`--pool` values: run folders; an experiment's name there was swallowed by the list."""
+    from vlmalign.experiments import EXPERIMENTS
+
+    if value in EXPERIMENTS and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a run folder. --pool takes several values, so put the experiment's name "
+            f"before --pool or after '--', e.g. --pool runs/a runs/b -- {value}")
+    return value
 
 
 def _command_line() -> str:
@@ -522,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--report-only", action="store_true",
                    help="write results.json, table and plot from the runs finished so far; run nothing")
     x.add_argument("--out", default=None)
+    x.add_argument("--pool", type=_run_dir, nargs="+", metavar="RUN", help="summarise these run folders of the experiment together "
+                   "(e.g. seeds run on different machines) into the new folder --out; nothing trains. "
+                   "The experiment's name goes before them or after '--'")
     x.add_argument("--seeds", type=_seed, nargs="+", help="seeds (default: 0 1 2; --quick: 0); "
                    "the experiment's name goes before them or after '--'")
     x.add_argument("--scenes", type=int, help="data-efficiency, ak: shapes scenes (default 1000; 80%% train)")
