@@ -105,7 +105,8 @@ def captioning_items(model: VLM, data: EvalData, images: int | None = None,
     `images` of them, all when None), asked with `caption_prompt`, scored by CIDEr against
     that image's held-out captions (per image, pycocoevalcap's scale, "simple"
     tokenisation: no Java), and the same captions against another image's captions
-    (`caption_cider_shuffled`: the level of a model that ignores the image). Returns (metrics, per-image values, the captions)."""
+    (`caption_cider_shuffled`: the level of a model that ignores the image). Returns
+    (metrics, per-image values, the captions)."""
     refs: dict[int, list[str]] = {}
     for text, row in zip(data.captions, data.text_to_image.tolist(), strict=True):
         refs.setdefault(row, []).append(text)

@@ -37,7 +37,7 @@ from vlmalign.experiments.runner import (
 )
 
 SUBEXPERIMENTS = ("sweep",)
-_OWN_DATA = re.compile(r"^data\.root=(.*)[/\\]shapes$")
+_OWN_DATA = re.compile(r"^data\.root=.*[/\\]shapes$")
 
 
 class PoolMismatch(ValueError):
@@ -119,7 +119,7 @@ def pool_runs(name: str, runs: list[str | Path], out: str | Path, log=print) -> 
                                             "settings": relocate(ref.get("settings", {}), out), "seeds": seeds},
                                            indent=2) + "\n")
     for sub in SUBEXPERIMENTS:
-        if (first / sub / SETTINGS).is_file() and not (out / sub).exists():
+        if (first / sub / SETTINGS).is_file():  # `out` was new or empty
             (out / sub).mkdir()
             for fname in (SETTINGS, RESULTS_LINES):  # records and settings, not the sub-runs' checkpoints
                 if (first / sub / fname).is_file():
